@@ -1,0 +1,150 @@
+"""The spot bundle: one HDF5 file per slide holding every view of every spot.
+
+Layout (HEST-compatible names where it costs nothing):
+
+``view_0`` .. ``view_{V-1}``  uint8 (n_spots, H, W, 3), one spot per chunk
+``img``                       hard link to ``view_0`` (HEST patch layout)
+``barcode``                   (n_spots,) spot ids, UTF-8
+``coords``                    (n_spots, 2) int64 spot centre (x, y), level-0 px
+``padded``                    (n_spots, V) bool, the view reached outside the slide
+``tissue_fraction``           (n_spots,) float32, stained fraction of view 0
+``spot_digest``               (n_spots,) uint64, hash of the spot's views (detects edits)
+attributes                    n_views, n_spots, mpp, mpp_source, fov_um, fov_px, size_px, levels,
+                              sample, slide, provenance (JSON), format_version
+
+Views are stored uncompressed: the loader must deliver thousands of spots per second and
+decompression would cost more than the disk reads it saves (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import h5py
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import InputError
+
+FORMAT_VERSION = 1
+
+
+def spot_digest(views: list[np.ndarray]) -> int:
+    """A 64-bit hash of one spot's views, stored per spot so edits and corruption are found."""
+    h = hashlib.blake2b(digest_size=8)
+    for v in views:
+        h.update(np.ascontiguousarray(v).data)
+    return int.from_bytes(h.digest(), "little")
+
+
+class BundleWriter:
+    """Create a bundle under a temporary name; it gets its final name only when complete."""
+
+    def __init__(self, path, spot_ids: list[str], coords: np.ndarray, sizes: list[int], attrs: dict,
+                 provenance: dict | None = None):
+        self.path = path
+        self._ctx = atomic_path(path)
+        self.n = len(spot_ids)
+        self.spot_ids, self.coords, self.sizes = spot_ids, coords, sizes
+        self.attrs = attrs
+        self.provenance = provenance or {}
+        self._written = np.zeros(self.n, bool)
+
+    def __enter__(self) -> "BundleWriter":
+        tmp = self._ctx.__enter__()
+        self.h5 = h5py.File(tmp, "w")
+        f = self.h5
+        self.views = [f.create_dataset(f"view_{v}", (self.n, s, s, 3), np.uint8, chunks=(1, s, s, 3))
+                      for v, s in enumerate(self.sizes)]
+        f["img"] = self.views[0]
+        f.create_dataset("barcode", data=np.array(self.spot_ids, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("coords", data=self.coords.astype(np.int64))
+        self.padded = f.create_dataset("padded", (self.n, len(self.sizes)), bool)
+        self.tissue = f.create_dataset("tissue_fraction", (self.n,), np.float32)
+        self.digest = f.create_dataset("spot_digest", (self.n,), np.uint64)
+        for key, value in self.attrs.items():
+            f.attrs[key] = value
+        f.attrs["n_views"] = len(self.sizes)
+        f.attrs["n_spots"] = self.n
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
+        return self
+
+    def write(self, idx, arrays: list[np.ndarray], padded: np.ndarray, tissue: np.ndarray) -> None:
+        for k, i in enumerate(idx):
+            views = [a[k] for a in arrays]
+            for ds, view in zip(self.views, views):
+                ds[i] = view
+            self.digest[i] = spot_digest(views)
+        order = np.argsort(idx)
+        sorted_idx = np.asarray(idx)[order]
+        self.padded[sorted_idx] = padded[order]
+        self.tissue[sorted_idx] = tissue[order]
+        self._written[idx] = True
+
+    def __exit__(self, exc_type, exc, tb):
+        self.h5.close()
+        if exc_type is None and not self._written.all():
+            err = RuntimeError(f"bundle {self.path}: {int((~self._written).sum())} spots were never written")
+            self._ctx.__exit__(RuntimeError, err, None)  # removes the temporary file
+            raise err
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+
+def read_meta(path, sample: str | None = None) -> dict:
+    """Attributes and shapes of a bundle, checked for internal consistency (cheap)."""
+    if not os.path.isfile(path):
+        raise InputError("bundle not found (run the tiling stage)", file=path, sample=sample)
+    try:
+        with h5py.File(path, "r") as f:
+            meta = dict(f.attrs)
+            n_views = int(meta.get("n_views", -1))
+            n = int(meta.get("n_spots", -1))
+            problems = []
+            for key in ("barcode", "coords", "padded", "tissue_fraction", "spot_digest"):
+                if key not in f:
+                    problems.append(f"dataset {key} missing")
+                elif f[key].shape[0] != n:
+                    problems.append(f"{key} has {f[key].shape[0]} rows, expected {n}")
+            shapes = []
+            for v in range(n_views):
+                name = f"view_{v}"
+                if name not in f:
+                    problems.append(f"{name} missing")
+                    continue
+                shape = f[name].shape
+                shapes.append(shape)
+                if shape[0] != n:
+                    problems.append(f"{name} has {shape[0]} spots, expected {n} (views disagree)")
+            if n_views < 1:
+                problems.append("no views")
+            if problems:
+                raise InputError(f"corrupt bundle ({'; '.join(problems)}); delete it and rerun tiling",
+                                 file=path, sample=sample)
+            meta["view_shapes"] = shapes
+            meta["spot_ids"] = [s.decode() if isinstance(s, bytes) else str(s) for s in f["barcode"][:]]
+            return meta
+    except (OSError, KeyError) as err:
+        raise InputError(f"unreadable bundle ({err}); delete it and rerun tiling", file=path, sample=sample) from None
+
+
+def verify_bundle(path, sample: str | None = None) -> dict:
+    """Full check: shapes, then every spot's views against its stored digest."""
+    meta = read_meta(path, sample)
+    try:
+        with h5py.File(path, "r") as f:
+            digests = f["spot_digest"][:]
+            views = [f[f"view_{v}"] for v in range(int(meta["n_views"]))]
+            step = 64
+            for start in range(0, int(meta["n_spots"]), step):
+                blocks = [ds[start:start + step] for ds in views]
+                for k in range(blocks[0].shape[0]):
+                    if spot_digest([b[k] for b in blocks]) != int(digests[start + k]):
+                        raise InputError(f"spot {start + k} ({meta['spot_ids'][start + k]}) does not match its "
+                                         "stored digest: the bundle was modified or damaged; delete it and rerun tiling",
+                                         file=path, sample=sample)
+    except OSError as err:
+        raise InputError(f"unreadable bundle ({err}); delete it and rerun tiling", file=path, sample=sample) from None
+    return meta

@@ -1,0 +1,179 @@
+"""Expression: read raw counts, align them with the spot table, QC and normalise with scanpy.
+
+Output ``results/expression/{sample}.h5ad``: obs = spots in bundle order (``bundle_row`` is the
+row of the spot in the bundle), X = ``log1p(normalize_total(counts))`` sparse float32,
+``layers["counts"]`` = raw counts, ``obsm["spatial"]`` = spot centres (x, y) in level-0 px.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def _counts_error(problem, path, sample):
+    return InputError(problem, file=path, sample=sample)
+
+
+def read_legacy_st_counts(path, sample=None):
+    """Spots x genes count table (tab-separated, optionally gzipped); first column = spot id."""
+    import anndata
+
+    if not os.path.isfile(path):
+        raise _counts_error("count table not found", path, sample)
+    try:
+        df = pd.read_csv(path, sep="\t", index_col=0)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as err:
+        raise _counts_error(f"cannot parse count table: {err}".splitlines()[0], path, sample) from None
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise _counts_error(f"empty count matrix ({df.shape[0]} spots x {df.shape[1]} genes)", path, sample)
+    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        col = bad[0]
+        value = pd.to_numeric(df[col], errors="coerce")
+        example = df[col][value.isna() & df[col].notna()]
+        shown = f" (e.g. {example.iloc[0]!r} at spot {example.index[0]})" if len(example) else ""
+        raise _counts_error(f"non-numeric counts in {len(bad)} gene column(s), first {col}{shown}", path, sample)
+    ids = df.index.astype(str)
+    matrix = sp.csr_matrix(df.to_numpy(np.float32))
+    return anndata.AnnData(X=matrix, obs=pd.DataFrame(index=ids), var=pd.DataFrame(index=df.columns.astype(str)))
+
+
+def read_visium_counts(path, sample=None):
+    import scanpy as sc
+
+    if not os.path.isfile(path):
+        raise _counts_error("filtered_feature_bc_matrix.h5 not found", path, sample)
+    try:
+        adata = sc.read_10x_h5(path)
+    except Exception as err:  # h5py / scanpy raise many types for a broken file
+        raise _counts_error(f"cannot read 10x matrix: {type(err).__name__}: {err}".splitlines()[0],
+                            path, sample) from None
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    return adata
+
+
+def read_h5ad_counts(path, sample=None):
+    import anndata
+
+    if not os.path.isfile(path):
+        raise _counts_error("h5ad file not found", path, sample)
+    try:
+        adata = anndata.read_h5ad(path)
+    except Exception as err:
+        raise _counts_error(f"cannot read h5ad: {type(err).__name__}: {err}".splitlines()[0], path, sample) from None
+    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    out = anndata.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=pd.DataFrame(index=adata.obs_names),
+                          var=pd.DataFrame(index=adata.var_names))
+    return out
+
+
+READERS = {"legacy_st": read_legacy_st_counts, "visium": read_visium_counts, "h5ad": read_h5ad_counts}
+
+
+def check_counts(adata, path, sample) -> None:
+    """Refuse NaN or negative counts and empty matrices; warn on non-integer values."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise _counts_error(f"empty count matrix ({adata.n_obs} spots x {adata.n_vars} genes)", path, sample)
+    data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X).ravel()
+    if not np.isfinite(data).all():
+        raise _counts_error(f"{int((~np.isfinite(data)).sum())} NaN or infinite count value(s)", path, sample)
+    if (data < 0).any():
+        raise _counts_error(f"{int((data < 0).sum())} negative count value(s)", path, sample)
+    if data.size and not np.allclose(data, np.round(data)):
+        log.warning("%s: counts are not integers (already normalised?); they are normalised again", sample)
+    obs_dup = adata.obs_names.duplicated()
+    if obs_dup.any():
+        raise _counts_error(f"{int(obs_dup.sum())} duplicate spot id(s) in the count matrix, e.g. "
+                            f"{adata.obs_names[obs_dup][0]}", path, sample)
+
+
+def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min_counts: int = 100,
+                     target_sum: float = 1e4, provenance: dict | None = None):
+    """Counts -> aligned, QC-filtered, normalised AnnData written to ``out_path``.
+
+    ``spots`` is the spot table (bundle order). Spots without counts and count rows without
+    a spot are dropped and counted; no match at all is an error.
+    """
+    import scanpy as sc
+
+    from .atomic import atomic_path
+
+    if fmt not in READERS:
+        raise _counts_error(f"unknown expression format {fmt!r}", counts_path, sample)
+    adata = READERS[fmt](counts_path, sample)
+    check_counts(adata, counts_path, sample)
+    adata.var_names_make_unique()
+
+    spot_ids = spots["spot_id"].astype(str).to_numpy()
+    position = pd.Series(np.arange(len(spot_ids)), index=spot_ids)
+    counted = adata.obs_names.isin(spot_ids)
+    matched = int(counted.sum())
+    if matched == 0:
+        raise _counts_error(f"spot ids do not match the counts: 0 of {len(spot_ids)} spots found among "
+                            f"{adata.n_obs} count rows (e.g. spot {spot_ids[0]!r} vs count row "
+                            f"{adata.obs_names[0]!r})", counts_path, sample)
+    no_counts = len(spot_ids) - matched
+    no_spot = adata.n_obs - matched
+    if no_counts:
+        log.warning("%s: %d of %d spots have no counts row: dropped", sample, no_counts, len(spot_ids))
+    if no_spot:
+        log.warning("%s: %d count rows have no spot position (or are off tissue): dropped", sample, no_spot)
+    adata = adata[counted].copy()
+    rows = position.loc[adata.obs_names].to_numpy()
+    adata = adata[np.argsort(rows, kind="stable")].copy()
+    adata.obs["bundle_row"] = position.loc[adata.obs_names].to_numpy().astype(np.int64)
+    total = np.asarray(adata.X.sum(axis=1)).ravel()
+    adata.obs["total_counts"] = total
+    low = total < min_counts
+    if low.any():
+        log.warning("%s: %d spots under %d counts: dropped", sample, int(low.sum()), min_counts)
+        adata = adata[~low].copy()
+    if adata.n_obs == 0:
+        raise _counts_error(f"no spot has at least {min_counts} counts", counts_path, sample)
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    table = spots.set_index(spots["spot_id"].astype(str))
+    adata.obsm["spatial"] = table.loc[adata.obs_names, ["x", "y"]].to_numpy(np.float64)
+    adata.uns["m2ost"] = {"sample": sample, "format": fmt, "counts": str(counts_path),
+                          "min_counts": min_counts, "target_sum": target_sum,
+                          "dropped_no_counts": no_counts, "dropped_no_spot": no_spot,
+                          "dropped_low_counts": int(low.sum()), "provenance_json": _json(provenance)}
+    adata.uns.pop("log1p", None)
+    log.info("%s: %d spots x %d genes kept", sample, adata.n_obs, adata.n_vars)
+    with atomic_path(out_path) as tmp:
+        adata.write_h5ad(tmp)
+    return adata
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj or {}, sort_keys=True)
+
+
+def read_expression(path, sample=None, backed: bool = False):
+    """Read an expression file written by :func:`build_expression`, with checks."""
+    import anndata
+
+    if not os.path.isfile(path):
+        raise InputError("expression file not found (run the expression stage)", file=path, sample=sample)
+    try:
+        adata = anndata.read_h5ad(path, backed="r" if backed else None)
+    except Exception as err:
+        raise InputError(f"unreadable expression file ({type(err).__name__}: {err}); delete it and rerun "
+                         "the expression stage".splitlines()[0], file=path, sample=sample) from None
+    if "bundle_row" not in adata.obs.columns or "spatial" not in adata.obsm:
+        raise InputError("expression file lacks obs['bundle_row'] or obsm['spatial']; rerun the expression stage",
+                         file=path, sample=sample)
+    return adata

@@ -1,0 +1,155 @@
+"""The sample sheet: one row per slide, read with the standard library only.
+
+The Snakefile imports this module while it plans the workflow, possibly from an
+environment that has snakemake but none of the scientific packages, so nothing
+here may import numpy, pandas or the like.
+
+Columns
+-------
+sample      unique name (letters, digits, ``_ . -``)
+patient     patient (or donor) the slide comes from; leave-one-patient-out groups on it
+slide       path of the H&E slide (any OpenSlide format, or a plain JPEG/PNG/TIFF)
+format      expression source: ``visium``, ``legacy_st``, ``h5ad``, or empty (H&E only)
+counts      visium: ``filtered_feature_bc_matrix.h5`` or the Space Ranger ``outs`` folder;
+            legacy_st: the spots x genes count table (.tsv or .tsv.gz); h5ad: the .h5ad file
+positions   visium: ``tissue_positions.csv`` / ``tissue_positions_list.csv`` (found in
+            ``outs/spatial`` when empty); legacy_st: the spot selection table; h5ad: empty
+mpp         optional µm per pixel; overrides the slide's metadata when given
+
+Relative paths resolve against ``data_root``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+FORMATS = ("visium", "legacy_st", "h5ad")
+REQUIRED_COLUMNS = ("sample", "patient", "slide")
+OPTIONAL_COLUMNS = ("format", "counts", "positions", "mpp")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row of the sample sheet, with paths resolved."""
+
+    sample: str
+    patient: str
+    slide: str
+    format: str = ""
+    counts: str = ""
+    positions: str = ""
+    mpp: float | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def has_expression(self) -> bool:
+        return bool(self.format)
+
+    def expression_files(self) -> dict[str, str]:
+        """The files the expression source consists of, by role.
+
+        ``positions`` (and ``scalefactors`` for Visium) define the spots; ``counts`` holds
+        the counts. The split lets a changed count file rerun only the expression stage.
+        """
+        if not self.format:
+            return {}
+        if self.format == "h5ad":
+            return {"counts": self.counts, "positions": self.counts}
+        if self.format == "legacy_st":
+            return {"counts": self.counts, "positions": self.positions}
+        counts, positions = self.counts, self.positions
+        if os.path.isdir(counts) or not counts.endswith(".h5"):
+            outs = counts
+            counts = os.path.join(outs, "filtered_feature_bc_matrix.h5")
+            if not positions:
+                spatial = os.path.join(outs, "spatial")
+                positions = os.path.join(spatial, "tissue_positions.csv")
+                legacy = os.path.join(spatial, "tissue_positions_list.csv")
+                if not os.path.exists(positions) and os.path.exists(legacy):
+                    positions = legacy
+        files = {"counts": counts, "positions": positions}
+        files["scalefactors"] = os.path.join(os.path.dirname(positions), "scalefactors_json.json")
+        return files
+
+
+def _resolve(path: str, root: Path) -> str:
+    if not path:
+        return ""
+    p = Path(os.path.expanduser(path))
+    return os.path.normpath(p if p.is_absolute() else root / p)
+
+
+def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".") -> list[Sample]:
+    """Read and check a tab-separated sample sheet.
+
+    Raises
+    ------
+    InputError
+        Missing columns, bad names, duplicate samples, two samples on one slide,
+        an unknown format, a missing counts path, or a non-numeric ``mpp``.
+    """
+    path = Path(path)
+    root = Path(data_root)
+    if not path.is_file():
+        raise InputError("sample sheet not found", file=path)
+    with open(path, newline="") as handle:
+        rows = [r for r in csv.DictReader(
+            (line for line in handle if line.strip() and not line.startswith("#")),
+            delimiter="\t")]
+        if not rows:
+            raise InputError("sample sheet has no rows", file=path)
+        columns = list(rows[0].keys())
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise InputError(f"sample sheet lacks column(s) {', '.join(missing)}; has {', '.join(columns)}",
+                         file=path)
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    slides: dict[str, str] = {}
+    for line_no, row in enumerate(rows, start=2):
+        row = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        name = row["sample"]
+        if not _NAME.match(name):
+            raise InputError(f"line {line_no}: sample name {name!r} must use letters, digits, '_', '.', '-'",
+                             file=path, sample=name or None)
+        if name in seen:
+            raise InputError(f"duplicate sample name (lines {seen[name]} and {line_no})", file=path, sample=name)
+        seen[name] = line_no
+        if not row["patient"]:
+            raise InputError(f"line {line_no}: empty patient", file=path, sample=name)
+        if not row["slide"]:
+            raise InputError(f"line {line_no}: empty slide path", file=path, sample=name)
+        fmt = row.get("format", "").lower()
+        if fmt and fmt not in FORMATS:
+            raise InputError(f"line {line_no}: unknown format {fmt!r}; use one of {', '.join(FORMATS)} or leave empty",
+                             file=path, sample=name)
+        if fmt and not row.get("counts"):
+            raise InputError(f"line {line_no}: format {fmt} needs a counts path", file=path, sample=name)
+        if fmt == "legacy_st" and not row.get("positions"):
+            raise InputError(f"line {line_no}: legacy_st needs the spot selection table in 'positions'",
+                             file=path, sample=name)
+        mpp = None
+        if row.get("mpp"):
+            try:
+                mpp = float(row["mpp"])
+            except ValueError:
+                raise InputError(f"line {line_no}: mpp {row['mpp']!r} is not a number", file=path, sample=name) from None
+            if not mpp > 0:
+                raise InputError(f"line {line_no}: mpp must be positive, got {mpp}", file=path, sample=name)
+        slide = _resolve(row["slide"], root)
+        if slide in slides:
+            raise InputError(f"line {line_no}: slide {row['slide']} is already used by sample {slides[slide]}",
+                             file=path, sample=name)
+        slides[slide] = name
+        extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
+        samples.append(Sample(sample=name, patient=row["patient"], slide=slide, format=fmt,
+                              counts=_resolve(row.get("counts", ""), root),
+                              positions=_resolve(row.get("positions", ""), root), mpp=mpp, extra=extra))
+    return samples

@@ -1,0 +1,182 @@
+"""Slides: open them with OpenSlide, resolve their resolution, convert plain images.
+
+``slide_needs_conversion`` uses the standard library only (the Snakefile calls it while
+planning); everything else imports OpenSlide lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+PLAIN_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
+TIFF_EXTENSIONS = {".tif", ".tiff"}
+
+
+def _tiff_first_ifd_is_tiled(path: str) -> bool:
+    """True when the first image of a (Big)TIFF is tiled, which OpenSlide's generic TIFF reader needs."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+            return False
+        end = "<" if head[:2] == b"II" else ">"
+        magic = struct.unpack(end + "H", head[2:4])[0]
+        if magic == 42:
+            fh.seek(struct.unpack(end + "I", head[4:8])[0])
+            n = struct.unpack(end + "H", fh.read(2))[0]
+            entries, size = fh.read(12 * n), 12
+        elif magic == 43:
+            fh.seek(struct.unpack(end + "Q", head[8:16])[0])
+            n = struct.unpack(end + "Q", fh.read(8))[0]
+            entries, size = fh.read(20 * n), 20
+        else:
+            return False
+    tags = {struct.unpack(end + "H", entries[i:i + 2])[0] for i in range(0, len(entries) - size + 1, size)}
+    return 322 in tags  # TileWidth
+
+
+def slide_needs_conversion(path: str) -> bool:
+    """Whether a slide must be converted to a pyramidal TIFF before OpenSlide can read it.
+
+    Plain JPEG/PNG/BMP always; a TIFF when it is stripped rather than tiled (a missing file
+    is left to the later stages, which report it). Vendor formats are read in place.
+    """
+    ext = Path(path).suffix.lower()
+    if ext in PLAIN_EXTENSIONS:
+        return True
+    if ext in TIFF_EXTENSIONS and os.path.isfile(path):
+        try:
+            return not _tiff_first_ifd_is_tiled(path)
+        except (OSError, struct.error):
+            return False
+    return False
+
+
+def open_slide(path, sample: str | None = None):
+    """Open a slide with OpenSlide, or raise InputError naming the file and the problem."""
+    import openslide
+
+    if not os.path.isfile(path):
+        raise InputError("slide not found", file=path, sample=sample)
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise InputError("OpenSlide cannot read this slide (unsupported or not a pyramidal image)",
+                         file=path, sample=sample) from None
+    except openslide.OpenSlideError as err:
+        raise InputError(f"slide is corrupt or unreadable: {err}", file=path, sample=sample) from None
+
+
+def metadata_mpp(slide) -> float | None:
+    """µm per pixel from the slide's metadata (``openslide.mpp-x``/``-y``), or None."""
+    import openslide
+
+    values = []
+    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+        try:
+            values.append(float(slide.properties[key]))
+        except (KeyError, ValueError):
+            return None
+    if not all(v > 0 for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def plain_image_mpp(path) -> float | None:
+    """µm per pixel from a plain TIFF's resolution tags (JPEG/PNG densities are unreliable: often 72 dpi)."""
+    if Path(path).suffix.lower() not in TIFF_EXTENSIONS:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            unit = tags.get("ResolutionUnit")
+            xres = tags.get("XResolution")
+            if unit is None or xres is None:
+                return None
+            num, den = xres.value
+            per_unit = num / den if den else 0
+            scale = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            if not per_unit or scale is None:
+                return None
+            return scale / per_unit
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return None
+
+
+def resolve_mpp(sample: str, metadata: float | None, sheet: float | None, spots=None, fmt: str = "",
+                file=None) -> tuple[float, str]:
+    """Choose the resolution: sample sheet override, else slide metadata, else the spot grid.
+
+    Returns (mpp, source) where source says where it came from; it is logged and stored.
+    """
+    from .spots import estimate_mpp_from_grid
+
+    if sheet:
+        if metadata and abs(sheet - metadata) / metadata > 0.05:
+            log.warning("%s: sample sheet mpp %.4f overrides slide metadata %.4f", sample, sheet, metadata)
+        return float(sheet), "sample sheet"
+    if metadata:
+        return float(metadata), "slide metadata"
+    if spots is None or not fmt:
+        raise InputError("slide has no resolution metadata and no mpp in the sample sheet "
+                         "(and no spot grid to estimate it from)", file=file, sample=sample)
+    mpp = estimate_mpp_from_grid(spots, fmt, sample)
+    return mpp, f"estimated from the {fmt} spot grid"
+
+
+def describe_slide(slide) -> dict:
+    return {"width": int(slide.dimensions[0]), "height": int(slide.dimensions[1]),
+            "level_count": int(slide.level_count),
+            "level_downsamples": [float(d) for d in slide.level_downsamples],
+            "vendor": slide.properties.get("openslide.vendor", "")}
+
+
+def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, sheet_mpp: float | None = None,
+                  spots_tsv=None, fmt: str = "", tile_size: int = 256, jpeg_quality: int = 90) -> dict:
+    """Make a slide readable by OpenSlide and record its resolution in ``out_json``.
+
+    With ``converted_path`` the slide is a plain image and is written there as a pyramidal
+    TIFF carrying the resolution. The JSON names the slide the later stages read.
+    """
+    from .atomic import atomic_path
+    from .spots import read_spots
+
+    spots = read_spots(spots_tsv, sample) if spots_tsv else None
+    if not os.path.isfile(slide_path):
+        raise InputError("slide not found", file=slide_path, sample=sample)
+    if converted_path:
+        from .pyramid import convert_to_pyramid
+
+        mpp, source = resolve_mpp(sample, plain_image_mpp(slide_path), sheet_mpp, spots, fmt, slide_path)
+        log.info("%s: converting %s to a pyramidal TIFF at %.4f µm/px (%s)", sample, slide_path, mpp, source)
+        try:
+            convert_to_pyramid(slide_path, converted_path, mpp, tile=tile_size, quality=jpeg_quality)
+        except InputError as err:
+            raise InputError(err.problem, file=err.file or slide_path, sample=sample) from None
+        readable = converted_path
+    else:
+        readable = slide_path
+        with open_slide(slide_path, sample) as slide:
+            mpp, source = resolve_mpp(sample, metadata_mpp(slide), sheet_mpp, spots, fmt, slide_path)
+    with open_slide(readable, sample) as slide:
+        info = {"sample": sample, "slide": str(readable), "source_slide": str(slide_path),
+                "mpp": mpp, "mpp_source": source, **describe_slide(slide)}
+    log.info("%s: %d x %d px, %d levels, %.4f µm/px (%s)", sample, info["width"], info["height"],
+             info["level_count"], mpp, source)
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return info
+
+
+def read_slide_info(path) -> dict:
+    with open(path) as handle:
+        return json.load(handle)
