@@ -1,0 +1,26 @@
+# The synthetic demo cohort (config demo.enabled): the default workflow runs on it.
+if config["demo"]["enabled"]:
+
+    def demo_outputs():
+        files = []
+        for s in SAMPLES.values():
+            files.append(s.slide)
+            if s.has_expression:
+                files.extend(s.expression_files().values())
+        return sorted(set(files))
+
+    rule demo_cohort:
+        output:
+            demo_outputs(),
+        params:
+            out=DATA_ROOT,
+            seed=config["demo"]["seed"],
+            settings=as_json({k: v for k, v in config["demo"].items() if k not in ("enabled", "seed")}),
+        log:
+            "logs/demo_cohort/demo_cohort.log",
+        benchmark:
+            "benchmarks/results/demo_cohort.tsv"
+        conda:
+            "../../envs/slides.yaml"
+        shell:
+            "{M2OST} demo --out {params.out:q} --seed {params.seed} --settings {params.settings:q} 2> {log}"

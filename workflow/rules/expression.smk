@@ -1,0 +1,50 @@
+# Expression matrices (QC, normalisation) and the gene panel of each split.
+
+
+rule expression:
+    input:
+        counts=lambda w: source_file(w.sample, "counts"),
+        spots="results/spots/{sample}.tsv",
+    output:
+        "results/expression/{sample}.h5ad",
+    params:
+        fmt=lambda w: SAMPLES[w.sample].format,
+        settings=as_json(config["expression"]),
+    resources:
+        mem_mb=4000,
+    log:
+        "logs/expression/{sample}.log",
+    benchmark:
+        "benchmarks/results/expression/{sample}.tsv"
+    conda:
+        "../../envs/expression.yaml"
+    shell:
+        "{M2OST} expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
+        "--spots {input.spots:q} --settings {params.settings:q} --out {output:q} 2> {log}"
+
+
+def panel_settings():
+    panel = dict(config["panel"])
+    if panel["list_file"]:
+        panel["list_file"] = str(Path(DATA_ROOT) / panel["list_file"])
+    return panel
+
+
+rule panel:
+    input:
+        train=lambda w: expression_files(split_samples(w.split)[0]),
+        other=lambda w: expression_files(split_samples(w.split)[1]),
+        genes=panel_settings()["list_file"] or [],
+    output:
+        "results/genes/{split}.txt",
+    params:
+        train=lambda w: pairs(split_samples(w.split)[0], "expression"),
+        other=lambda w: pairs(split_samples(w.split)[1], "expression"),
+        settings=as_json(panel_settings()),
+    log:
+        "logs/panel/{split}.log",
+    conda:
+        "../../envs/expression.yaml"
+    shell:
+        "{M2OST} panel --train {params.train} --other {params.other} --settings {params.settings:q} "
+        "--out {output:q} 2> {log}"

@@ -1,0 +1,101 @@
+# Spot tables, slide preparation and multi-view tiling into HDF5 bundles.
+
+
+rule spots:
+    input:
+        positions=lambda w: source_file(w.sample, "positions"),
+    output:
+        "results/spots/{sample}.tsv",
+    params:
+        fmt=lambda w: SAMPLES[w.sample].format,
+        flag="" if config["spots"]["in_tissue_only"] else "--keep-off-tissue",
+    log:
+        "logs/spots/{sample}.log",
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "{M2OST} spots --sample {wildcards.sample} --format {params.fmt} --positions {input.positions:q} "
+        "{params.flag} --out {output:q} 2> {log}"
+
+
+def prepare_inputs(wildcards):
+    inputs = {"slide": SAMPLES[wildcards.sample].slide}
+    if SAMPLES[wildcards.sample].has_expression:
+        inputs["spots"] = f"results/spots/{wildcards.sample}.tsv"
+    return inputs
+
+
+def prepare_args(wildcards, input):
+    s = SAMPLES[wildcards.sample]
+    args = []
+    if s.mpp:
+        args += ["--mpp", str(s.mpp)]
+    if s.has_expression:
+        args += ["--spots", input.spots, "--format", s.format]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+rule prepare_slide:
+    input:
+        unpack(prepare_inputs),
+    output:
+        "results/slides/{sample}.json",
+    wildcard_constraints:
+        sample=_alternatives(set(SAMPLES) - set(PLAIN_SLIDES)),
+    params:
+        args=prepare_args,
+        mpp=lambda w: SAMPLES[w.sample].mpp,
+    log:
+        "logs/prepare_slide/{sample}.log",
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "{M2OST} prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
+        "--out {output:q} 2> {log}"
+
+
+rule convert_slide:
+    input:
+        unpack(prepare_inputs),
+    output:
+        info="results/slides/{sample}.json",
+        pyramid="results/slides/{sample}.tif",
+    wildcard_constraints:
+        sample=_alternatives(PLAIN_SLIDES),
+    params:
+        args=prepare_args,
+        mpp=lambda w: SAMPLES[w.sample].mpp,
+        settings=as_json(config["slides"]),
+    log:
+        "logs/convert_slide/{sample}.log",
+    benchmark:
+        "benchmarks/results/convert_slide/{sample}.tsv"
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "{M2OST} prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
+        "--converted {output.pyramid:q} --settings {params.settings:q} --out {output.info:q} 2> {log}"
+
+
+rule tile:
+    input:
+        slide=readable_slide,
+        info="results/slides/{sample}.json",
+        spots="results/spots/{sample}.tsv",
+    output:
+        "results/bundles/{sample}.h5",
+    params:
+        settings=as_json({"views": config["views"]}),
+    threads: config["tiling"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    log:
+        "logs/tile/{sample}.log",
+    benchmark:
+        "benchmarks/results/tile/{sample}.tsv"
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "{M2OST} tile --sample {wildcards.sample} --slide-info {input.info:q} --spots {input.spots:q} "
+        "--settings {params.settings:q} --workers {threads} --no-progress --out {output:q} 2> {log}"
