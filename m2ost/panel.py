@@ -113,7 +113,7 @@ def _moran_scores(adatas: dict, train: list[str], genes: list[str]) -> np.ndarra
     total = np.zeros(len(genes))
     for sample in train:
         adata = adatas[sample][:, genes].copy()
-        sq.gr.spatial_neighbors(adata, coord_type="generic", n_neighs=6)
+        sq.gr.spatial_neighbors_knn(adata, n_neighs=6)
         table = sq.gr.spatial_autocorr(adata, mode="moran", genes=genes, n_perms=None, copy=True,
                                        show_progress_bar=False)
         total += np.nan_to_num(table.reindex(genes)["I"].to_numpy(float))
