@@ -1,5 +1,6 @@
 # Sample sheet, splits and helpers shared by the rules; no stage logic lives here.
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ from m2ost.slide import slide_needs_conversion
 from m2ost.splits import make_splits
 
 
-M2OST = f"PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}} python -m m2ost"
+# Every shell command sees the repository's package, installed or not (as under --use-conda).
+# (Braces doubled twice: once for this f-string, once for Snakemake's formatting of the command.)
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(str(REPO))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 DATA_ROOT = config["data_root"]
 SAMPLES = {s.sample: s for s in read_sample_sheet(config["samples"], DATA_ROOT)}
 ST_SAMPLES = [name for name, s in SAMPLES.items() if s.has_expression]
@@ -81,4 +84,64 @@ def pairs(samples, kind):
 
 
 def data_targets():
-    return bundle_files(SAMPLES if not HE_SAMPLES else ST_SAMPLES) + expression_files(ST_SAMPLES)
+    return bundle_files(SAMPLES) + expression_files(ST_SAMPLES)
+
+
+def demo_outputs():
+    """The files of the demo cohort: the slides and expression sources of the sample sheet."""
+    files = []
+    for s in SAMPLES.values():
+        files.append(s.slide)
+        if s.has_expression:
+            files.extend(s.expression_files().values())
+    return sorted(set(files))
+
+
+def prepare_inputs(wildcards):
+    inputs = {"slide": SAMPLES[wildcards.sample].slide}
+    if SAMPLES[wildcards.sample].has_expression:
+        inputs["spots"] = f"results/spots/{wildcards.sample}.tsv"
+    return inputs
+
+
+def prepare_args(wildcards, input):
+    s = SAMPLES[wildcards.sample]
+    args = []
+    if s.mpp:
+        args += ["--mpp", str(s.mpp)]
+    if s.has_expression:
+        args += ["--spots", input.spots, "--format", s.format]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def panel_settings():
+    panel = dict(config["panel"])
+    if panel["list_file"]:
+        panel["list_file"] = str(Path(DATA_ROOT) / panel["list_file"])
+    return panel
+
+
+NEURAL = ("m2ost", "m2ost_single")
+
+
+def train_settings(model):
+    """Only the settings a model kind uses, so changing one reruns just the models it affects."""
+    if model in NEURAL:
+        return {"model": config["model"], "train": config["train"]}
+    keep = ("seed", "val_fraction", "drop_padded", "workers")
+    return {"train": {k: v for k, v in config["train"].items() if k in keep}}
+
+
+def eval_settings():
+    t = config["train"]
+    return {"device": t["device"], "batch_size": t["eval_batch_size"] or 2 * t["batch_size"]}
+
+
+def summary_files():
+    return [f"results/metrics/{m}/{s}/summary.json" for m in config["models"] for s in SPLITS]
+
+
+def all_targets():
+    targets = data_targets() + ["results/metrics/summary.tsv"]
+    targets += [f"results/predictions/{s}.h5ad" for s in HE_SAMPLES]
+    return targets

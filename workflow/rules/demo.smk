@@ -1,19 +1,11 @@
 # The synthetic demo cohort (config demo.enabled): the default workflow runs on it.
 if config["demo"]["enabled"]:
 
-    def demo_outputs():
-        files = []
-        for s in SAMPLES.values():
-            files.append(s.slide)
-            if s.has_expression:
-                files.extend(s.expression_files().values())
-        return sorted(set(files))
-
     rule demo_cohort:
         output:
             demo_outputs(),
         params:
-            out=DATA_ROOT,
+            out=lambda w, output: os.path.commonpath(output),
             seed=config["demo"]["seed"],
             settings=as_json({k: v for k, v in config["demo"].items() if k not in ("enabled", "seed")}),
         log:
@@ -23,4 +15,4 @@ if config["demo"]["enabled"]:
         conda:
             "../../envs/slides.yaml"
         shell:
-            "{M2OST} demo --out {params.out:q} --seed {params.seed} --settings {params.settings:q} 2> {log}"
+            "python -m m2ost demo --out {params.out:q} --seed {params.seed} --settings {params.settings:q} 2> {log}"

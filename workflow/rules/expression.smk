@@ -19,15 +19,8 @@ rule expression:
     conda:
         "../../envs/expression.yaml"
     shell:
-        "{M2OST} expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
+        "python -m m2ost expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
         "--spots {input.spots:q} --settings {params.settings:q} --out {output:q} 2> {log}"
-
-
-def panel_settings():
-    panel = dict(config["panel"])
-    if panel["list_file"]:
-        panel["list_file"] = str(Path(DATA_ROOT) / panel["list_file"])
-    return panel
 
 
 rule panel:
@@ -46,5 +39,5 @@ rule panel:
     conda:
         "../../envs/expression.yaml"
     shell:
-        "{M2OST} panel --train {params.train} --other {params.other} --settings {params.settings:q} "
+        "python -m m2ost panel --train {params.train} --other {params.other} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"

@@ -6,6 +6,8 @@ rule spots:
         positions=lambda w: source_file(w.sample, "positions"),
     output:
         "results/spots/{sample}.tsv",
+    wildcard_constraints:
+        sample=_alternatives(ST_SAMPLES),
     params:
         fmt=lambda w: SAMPLES[w.sample].format,
         flag="" if config["spots"]["in_tissue_only"] else "--keep-off-tissue",
@@ -14,25 +16,8 @@ rule spots:
     conda:
         "../../envs/slides.yaml"
     shell:
-        "{M2OST} spots --sample {wildcards.sample} --format {params.fmt} --positions {input.positions:q} "
+        "python -m m2ost spots --sample {wildcards.sample} --format {params.fmt} --positions {input.positions:q} "
         "{params.flag} --out {output:q} 2> {log}"
-
-
-def prepare_inputs(wildcards):
-    inputs = {"slide": SAMPLES[wildcards.sample].slide}
-    if SAMPLES[wildcards.sample].has_expression:
-        inputs["spots"] = f"results/spots/{wildcards.sample}.tsv"
-    return inputs
-
-
-def prepare_args(wildcards, input):
-    s = SAMPLES[wildcards.sample]
-    args = []
-    if s.mpp:
-        args += ["--mpp", str(s.mpp)]
-    if s.has_expression:
-        args += ["--spots", input.spots, "--format", s.format]
-    return " ".join(shlex.quote(a) for a in args)
 
 
 rule prepare_slide:
@@ -50,7 +35,7 @@ rule prepare_slide:
     conda:
         "../../envs/slides.yaml"
     shell:
-        "{M2OST} prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
+        "python -m m2ost prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--out {output:q} 2> {log}"
 
 
@@ -73,7 +58,7 @@ rule convert_slide:
     conda:
         "../../envs/slides.yaml"
     shell:
-        "{M2OST} prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
+        "python -m m2ost prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--converted {output.pyramid:q} --settings {params.settings:q} --out {output.info:q} 2> {log}"
 
 
@@ -97,5 +82,5 @@ rule tile:
     conda:
         "../../envs/slides.yaml"
     shell:
-        "{M2OST} tile --sample {wildcards.sample} --slide-info {input.info:q} --spots {input.spots:q} "
+        "python -m m2ost tile --sample {wildcards.sample} --slide-info {input.info:q} --spots {input.spots:q} "
         "--settings {params.settings:q} --workers {threads} --no-progress --out {output:q} 2> {log}"
