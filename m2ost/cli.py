@@ -167,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    if args.command in ("train", "evaluate", "predict", "predict-bundle"):
+        pass  # torch is imported by those commands only
+    from .train import TrainingDiverged
+
     try:
         args.func(args)
-    except InputError as err:
+    except (InputError, TrainingDiverged) as err:
         print(f"m2ost: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,461 @@
+"""Spots as training examples: multi-view images from the bundle, targets from the expression.
+
+Images stay uint8 until they reach the device (a quarter of the bytes to copy); the conversion
+to float, the colour jitter and the ImageNet normalisation run there, in :func:`prepare_batch`.
+
+Randomness: the augmentation of item ``i`` in epoch ``e`` is drawn from a generator seeded with
+``(seed, e, i)`` only. It is therefore identical whatever ran before, however many DataLoader
+workers there are and whichever rank of a distributed run reads the item; a resumed run sees
+exactly the augmentations of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALISATION = {"scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+_JITTER_DEFAULT = 0.1  # "mild": factors drawn in [0.9, 1.1]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and checking
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleData:
+    """The spots of one sample that a dataset may use, in bundle-row order.
+
+    ``targets`` is None for a sample without expression (prediction only).
+    """
+
+    sample: str
+    bundle: str
+    rows: np.ndarray        # (n,) int64 rows into the bundle datasets
+    spot_ids: np.ndarray    # (n,) str
+    coords: np.ndarray      # (n, 2) float64 spot centres (x, y), level-0 px
+    padded: np.ndarray      # (n, n_selected_views) bool
+    targets: np.ndarray | None  # (n, n_genes) float32
+    info: dict              # bundle attributes: n_views, size_px, fov_um, mpp
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _decode(values) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values],
+                    dtype=object)
+
+
+def read_bundle_info(bundle: str | os.PathLike, sample: str | None = None) -> dict:
+    """The attributes of a spot bundle that matter to a model: views, sizes, fields of view."""
+    try:
+        with h5py.File(bundle, "r") as f:
+            a = f.attrs
+            n_views = int(a["n_views"])
+            info = {
+                "n_views": n_views,
+                "n_spots": int(f["barcode"].shape[0]),
+                "size_px": [int(v) for v in np.atleast_1d(a["size_px"])],
+                "fov_um": [float(v) for v in np.atleast_1d(a["fov_um"])],
+                "mpp": float(a["mpp"]) if "mpp" in a else float("nan"),
+                "sample": str(a.get("sample", sample or "")),
+            }
+            missing = [f"view_{v}" for v in range(n_views) if f"view_{v}" not in f]
+    except FileNotFoundError:
+        raise InputError("spot bundle not found", file=bundle, sample=sample) from None
+    except (OSError, KeyError) as err:
+        raise InputError(f"not a readable spot bundle ({err})", file=bundle,
+                         sample=sample) from None
+    if missing:
+        raise InputError(f"bundle lacks datasets {', '.join(missing)}", file=bundle,
+                         sample=sample)
+    return info
+
+
+def check_views(views: Sequence[int] | None, info: dict, bundle, sample) -> list[int]:
+    """Resolve ``views`` (None = all) against a bundle; all selected views must share one
+    square size, since the network takes one (V, 3, S, S) tensor."""
+    n = info["n_views"]
+    views = list(range(n)) if views is None else [int(v) for v in views]
+    if not views:
+        raise InputError("no views selected", file=bundle, sample=sample)
+    bad = [v for v in views if not 0 <= v < n]
+    if bad:
+        raise InputError(f"views {bad} requested but the bundle has {n} views", file=bundle,
+                         sample=sample)
+    sizes = {info["size_px"][v] for v in views}
+    if len(sizes) != 1:
+        raise InputError(f"selected views {views} have different sizes {sorted(sizes)} px; "
+                         "the network needs one size", file=bundle, sample=sample)
+    return views
+
+
+def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None = None,
+                genes: Sequence[str] | None = None, views: Sequence[int] | None = None,
+                drop_padded: bool = False, sample: str | None = None) -> SampleData:
+    """Read the spot table of one sample and, if given, its targets on the gene panel.
+
+    Parameters
+    ----------
+    bundle
+        ``results/bundles/{sample}.h5``.
+    expression
+        ``results/expression/{sample}.h5ad``; None for an H&E-only slide (all bundle rows,
+        no targets).
+    genes
+        The gene panel (required with ``expression``).
+    views
+        Views to use (None = all).
+    drop_padded
+        Drop spots where any selected view reached outside the slide.
+
+    Raises
+    ------
+    InputError
+        Bundle and expression disagree (spot ids of the bundle rows differ from the obs index),
+        panel genes missing from the expression, non-finite targets, bad views.
+    """
+    info = read_bundle_info(bundle, sample)
+    views = check_views(views, info, bundle, sample)
+    with h5py.File(bundle, "r") as f:
+        barcodes = _decode(f["barcode"][:])
+        coords_all = np.asarray(f["coords"][:], dtype=np.float64)
+        padded_all = (np.asarray(f["padded"][:], dtype=bool) if "padded" in f
+                      else np.zeros((len(barcodes), info["n_views"]), dtype=bool))
+    if padded_all.ndim == 1:
+        padded_all = padded_all[:, None].repeat(info["n_views"], axis=1)
+
+    targets = None
+    if expression is None:
+        rows = np.arange(len(barcodes), dtype=np.int64)
+    else:
+        if genes is None:
+            raise InputError("a gene panel is needed to read targets", file=expression,
+                             sample=sample)
+        rows, targets = _read_targets(expression, genes, barcodes, sample)
+
+    spot_ids = barcodes[rows]
+    coords = coords_all[rows]
+    padded = padded_all[rows][:, views]
+    if drop_padded:
+        keep = ~padded.any(axis=1)
+        if not keep.all():
+            log.warning("sample %s: dropped %d of %d spots whose views %s reach outside the "
+                        "slide (drop_padded)", sample or info["sample"], int((~keep).sum()),
+                        len(keep), views)
+        rows, spot_ids, coords, padded = rows[keep], spot_ids[keep], coords[keep], padded[keep]
+        if targets is not None:
+            targets = targets[keep]
+    return SampleData(sample=sample or info["sample"], bundle=str(bundle), rows=rows,
+                      spot_ids=spot_ids, coords=coords, padded=padded, targets=targets,
+                      info=info)
+
+
+def _read_targets(expression, genes, barcodes, sample) -> tuple[np.ndarray, np.ndarray]:
+    from .expression import read_expression  # anndata is heavy; import only when needed
+
+    adata = read_expression(expression, sample)
+    rows = np.asarray(adata.obs["bundle_row"], dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(barcodes)):
+        raise InputError(f"bundle_row values outside the bundle's {len(barcodes)} rows",
+                         file=expression, sample=sample)
+    if np.any(np.diff(rows) <= 0):
+        raise InputError("bundle_row is not strictly increasing", file=expression, sample=sample)
+    obs_ids = np.asarray(adata.obs_names, dtype=object)
+    mismatch = np.flatnonzero(barcodes[rows] != obs_ids)
+    if mismatch.size:
+        i = mismatch[0]
+        raise InputError(f"bundle and expression disagree: {mismatch.size} spot ids differ "
+                         f"(first: obs '{obs_ids[i]}' vs bundle row {rows[i]} "
+                         f"'{barcodes[rows[i]]}')", file=expression, sample=sample)
+    index = adata.var_names.get_indexer(list(genes))
+    missing = [g for g, j in zip(genes, index) if j < 0]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(genes)} panel genes missing from the "
+                         f"expression (e.g. {', '.join(missing[:5])})", file=expression,
+                         sample=sample)
+    x = adata.X[:, index]
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise InputError("expression holds NaN or infinite values on the panel genes",
+                         file=expression, sample=sample)
+    return rows, x
+
+
+def load_samples(bundles: Mapping[str, str], expressions: Mapping[str, str],
+                 genes: Sequence[str], samples: Sequence[str],
+                 views: Sequence[int] | None = None,
+                 drop_padded: bool = False) -> list[SampleData]:
+    """:func:`load_sample` for several samples, checking that their views agree.
+
+    All samples must have the same selected view sizes and fields of view (within 1 %), so that
+    one network sees the same physical scales everywhere.
+    """
+    out = []
+    for s in samples:
+        if s not in bundles:
+            raise InputError("no spot bundle given", sample=s)
+        if s not in expressions:
+            raise InputError("no expression file given (samples used for training or "
+                             "scoring need expression)", sample=s)
+        out.append(load_sample(bundles[s], expressions[s], genes, views, drop_padded, sample=s))
+    if out:
+        ref = out[0]
+        vs = check_views(views, ref.info, ref.bundle, ref.sample)
+        for d in out[1:]:
+            check_same_views(ref.info, d.info, vs, d.bundle, d.sample, ref.sample)
+    return out
+
+
+def check_same_views(ref: dict, info: dict, views: Sequence[int], file, sample,
+                     ref_name: str) -> None:
+    """Refuse a bundle whose selected views differ in size or field of view from ``ref``."""
+    if info["n_views"] <= max(views):
+        raise InputError(f"bundle has {info['n_views']} views, {ref_name} has {ref['n_views']}",
+                         file=file, sample=sample)
+    for v in views:
+        if info["size_px"][v] != ref["size_px"][v]:
+            raise InputError(f"view {v} is {info['size_px'][v]} px, {ref_name} has "
+                             f"{ref['size_px'][v]} px", file=file, sample=sample)
+        a, b = info["fov_um"][v], ref["fov_um"][v]
+        if abs(a - b) > 0.01 * max(abs(b), 1e-9):
+            raise InputError(f"view {v} covers {a} um, {ref_name} covers {b} um; tile all "
+                             "samples with the same fields of view", file=file, sample=sample)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation settings
+# --------------------------------------------------------------------------------------------
+
+def augment_settings(cfg: Mapping | bool | None) -> dict:
+    """Normalise the ``augment`` config to flip, rot90, brightness, contrast, saturation.
+
+    ``cfg`` may be None/False (off), True (flips, rotations, mild jitter) or a mapping with
+    ``flip`` (bool), ``rot90`` (bool) and ``color_jitter`` (bool, a float applied to all three,
+    or a mapping with brightness/contrast/saturation). A jitter strength ``s`` draws a factor
+    uniformly in [1 - s, 1 + s].
+    """
+    if not cfg:
+        return {"flip": False, "rot90": False, "brightness": 0.0, "contrast": 0.0,
+                "saturation": 0.0}
+    if cfg is True:
+        cfg = {"flip": True, "rot90": True, "color_jitter": True}
+    jitter = cfg.get("color_jitter", False)
+    if jitter is True:
+        jitter = _JITTER_DEFAULT
+    if not isinstance(jitter, Mapping):
+        jitter = {k: float(jitter or 0.0) for k in ("brightness", "contrast", "saturation")}
+    out = {"flip": bool(cfg.get("flip", False)), "rot90": bool(cfg.get("rot90", False))}
+    for k in ("brightness", "contrast", "saturation"):
+        s = float(jitter.get(k, 0.0))
+        if not 0.0 <= s < 1.0:
+            raise InputError(f"color_jitter {k} must be in [0, 1), got {s}")
+        out[k] = s
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+class SpotDataset(Dataset):
+    """Items ``(images, target, jitter)`` over the spots of several samples.
+
+    ``images`` is a uint8 tensor (V, H, W, 3) of the selected views of one spot, all views under
+    the same flip/rotation; ``target`` the float32 expression on the panel (an empty tensor for
+    samples without targets); ``jitter`` the float32 (3,) brightness/contrast/saturation factors
+    drawn for this spot (ones without augmentation), applied on the device by
+    :func:`prepare_batch`.
+
+    Parameters
+    ----------
+    data
+        From :func:`load_samples` / :func:`load_sample`.
+    views
+        Views to read (None = all); must match those used to load ``data``.
+    index
+        (n, 2) int array of (sample number in ``data``, position in that sample), selecting the
+        spots of this dataset (None = all spots of all samples).
+    augment
+        See :func:`augment_settings`; None = no augmentation.
+    seed
+        Augmentations depend on (seed, epoch, item) only; see :meth:`set_epoch`.
+    """
+
+    def __init__(self, data: Sequence[SampleData], views: Sequence[int] | None = None,
+                 index: np.ndarray | None = None, augment: Mapping | bool | None = None,
+                 seed: int = 0):
+        self.data = list(data)
+        if not self.data:
+            raise InputError("a dataset needs at least one sample")
+        self.views = check_views(views, self.data[0].info, self.data[0].bundle,
+                                 self.data[0].sample)
+        if index is None:
+            index = np.concatenate([np.stack([np.full(len(d), k), np.arange(len(d))], 1)
+                                    for k, d in enumerate(self.data)]).astype(np.int64)
+        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 2)
+        self.augment = augment_settings(augment)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._handles: dict[int, h5py.File] = {}
+        self._pid: int | None = None
+        self._inherited: list = []
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draw of ``epoch`` (call before iterating each epoch)."""
+        self.epoch = int(epoch)
+
+    @property
+    def image_size(self) -> int:
+        return self.data[0].info["size_px"][self.views[0]]
+
+    @property
+    def n_genes(self) -> int:
+        t = self.data[0].targets
+        return 0 if t is None else t.shape[1]
+
+    def targets(self) -> np.ndarray:
+        """(n, n_genes) targets of all items, in item order."""
+        return np.stack([self.data[k].targets[p] for k, p in self.index]) if len(self) else \
+            np.zeros((0, self.n_genes), np.float32)
+
+    def spots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample names, spot ids, coords) of all items, in item order."""
+        names = np.array([self.data[k].sample for k, _ in self.index], dtype=object)
+        ids = np.array([self.data[k].spot_ids[p] for k, p in self.index], dtype=object)
+        xy = np.array([self.data[k].coords[p] for k, p in self.index]).reshape(-1, 2)
+        return names, ids, xy
+
+    # -- HDF5 handles: one set per process ---------------------------------------------------
+    def _file(self, k: int) -> h5py.File:
+        pid = os.getpid()
+        if self._pid != pid:
+            # A forked DataLoader worker inherits the parent's handles; HDF5 handles must not be
+            # shared across processes, so open new ones (and leave the inherited ones alone).
+            self._inherited.append(self._handles)
+            self._handles, self._pid = {}, pid
+        f = self._handles.get(k)
+        if f is None:
+            f = self._handles[k] = h5py.File(self.data[k].bundle, "r")
+        return f
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"], state["_inherited"] = {}, None, []
+        return state
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for f in self._handles.values():
+                f.close()
+        self._handles = {}
+
+    # -- items -------------------------------------------------------------------------------
+    def read(self, i: int) -> np.ndarray:
+        """The raw uint8 views (V, H, W, 3) of item ``i``, without augmentation."""
+        k, p = self.index[i]
+        f = self._file(k)
+        row = int(self.data[k].rows[p])
+        return np.stack([f[f"view_{v}"][row] for v in self.views])
+
+    def draw(self, i: int) -> tuple[int, bool, bool, np.ndarray]:
+        """The augmentation of item ``i`` this epoch: rot90 count, h-flip, v-flip, jitter."""
+        a = self.augment
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        # Always draw every number, so switching one option does not change the others.
+        k, hflip, vflip = (int(v) for v in rng.integers(0, 4, 3))
+        u = rng.uniform(-1.0, 1.0, 3)
+        k = k if a["rot90"] else 0
+        hflip = a["flip"] and hflip % 2 == 1
+        # Rotations plus one flip already give all 8 symmetries; a v-flip only when no rot90.
+        vflip = a["flip"] and not a["rot90"] and vflip % 2 == 1
+        jitter = 1.0 + u * np.array([a["brightness"], a["contrast"], a["saturation"]])
+        return k, hflip, vflip, jitter.astype(np.float32)
+
+    def __getitem__(self, i: int):
+        img = self.read(i)
+        jitter = np.ones(3, np.float32)
+        a = self.augment
+        if a["flip"] or a["rot90"] or a["brightness"] or a["contrast"] or a["saturation"]:
+            k, hflip, vflip, jitter = self.draw(i)
+            # Same geometric transform for every view of the spot (axes 1, 2 = H, W).
+            if k:
+                img = np.rot90(img, k, axes=(1, 2))
+            if hflip:
+                img = img[:, :, ::-1]
+            if vflip:
+                img = img[:, ::-1]
+            img = np.ascontiguousarray(img)
+        kk, p = self.index[i]
+        t = self.data[kk].targets
+        target = (torch.from_numpy(t[p].copy()) if t is not None
+                  else torch.zeros(0, dtype=torch.float32))
+        return torch.from_numpy(img), target, torch.from_numpy(jitter)
+
+
+# --------------------------------------------------------------------------------------------
+# On the device
+# --------------------------------------------------------------------------------------------
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=-3)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation (torchvision semantics) with per-spot factors.
+
+    x: float (B, V, 3, H, W) in [0, 1]; factors: (B, 3). All views of a spot share the factors
+    (one staining per spot); contrast pivots on each view's own mean grey level.
+    """
+    f = factors.to(x.device, x.dtype).view(-1, 3, 1, 1, 1, 1).unbind(1)
+    b, c, s = f
+    x = (x * b).clamp_(0, 1)
+    m = _grey(x).mean(dim=(-3, -2, -1), keepdim=True)
+    x = (c * x + (1 - c) * m).clamp_(0, 1)
+    x = (s * x + (1 - s) * _grey(x)).clamp_(0, 1)
+    return x
+
+
+def prepare_batch(images: torch.Tensor, device: torch.device,
+                  jitter: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, V, H, W, 3) on the host -> normalised float32 (B, V, 3, H, W) on ``device``."""
+    x = images.to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)
+    if jitter is not None and not bool(torch.all(jitter == 1)):
+        x = color_jitter(x, jitter.to(device, non_blocking=True))
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int = 0, pin: bool = False,
+                sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader with the settings used everywhere (order given by ``sampler`` or fixed).
+
+    Workers are not persistent on purpose: each epoch's workers get a fresh copy of the
+    dataset, hence the epoch set by :meth:`SpotDataset.set_epoch` (persistent workers would keep
+    drawing the augmentations of the first epoch).
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      num_workers=int(workers), pin_memory=pin, drop_last=drop_last,
+                      persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
