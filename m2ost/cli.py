@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    if args.command in ("train", "evaluate", "predict", "predict-bundle"):
-        pass  # torch is imported by those commands only
     from .train import TrainingDiverged
 
     try:
