@@ -2,8 +2,10 @@
 
 The primary metric is the **per-gene** Pearson correlation across the spots of one held-out
 sample, averaged over the genes of the panel (the field's standard: Hist2ST, TRIPLEX,
-HEST-Benchmark). A gene whose measured or predicted profile is constant over the spots has no
-correlation: it is reported as NaN ("undefined"), left out of the means and counted.
+HEST-Benchmark). A gene whose measured profile is constant over the spots of the held-out
+sample has no correlation: it is reported as NaN ("undefined"), left out of the means and
+counted. A constant *prediction* of a varying gene scores 0: it says nothing about where the
+gene is high, and scoring it 0 puts the mean predictor on the same scale as the others.
 
 The per-spot Pearson across genes, averaged over spots, is what the M2OST paper reports. It is
 inflated by the differences in mean expression between genes (a constant predictor that outputs
@@ -48,8 +50,15 @@ def pearson(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def gene_pcc(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Per-gene Pearson across spots: (n_spots, n_genes) x2 -> (n_genes,), NaN = undefined."""
-    return pearson(y_true, y_pred, axis=0)
+    """Per-gene Pearson across spots: (n_spots, n_genes) x2 -> (n_genes,).
+
+    NaN (undefined) where the truth is constant; 0 where only the prediction is constant.
+    """
+    r = pearson(y_true, y_pred, axis=0)
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    r[_constant(y_pred, 0) & ~_constant(y_true, 0)] = 0.0
+    return r
 
 
 def spot_pcc(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:

@@ -27,7 +27,8 @@ def test_gene_pcc_hand_values_and_undefined():
     r = gene_pcc(truth, pred)
     assert r[0] == pytest.approx(R_HAND, abs=1e-12)
     assert r[1] == pytest.approx(-1.0, abs=1e-12)
-    assert np.isnan(r[2]) and np.isnan(r[3])  # zero variance in truth / in prediction
+    assert np.isnan(r[2])  # zero variance in truth: undefined
+    assert r[3] == 0.0  # constant prediction of a varying gene: no information
 
 
 def test_score_summary_hand_values():
@@ -35,11 +36,11 @@ def test_score_summary_hand_values():
     per_gene, s = score(truth, pred, ["a", "b", "c", "d"], sample="S1")
     assert list(per_gene.columns) == ["gene", "pcc", "defined", "rmse", "mae", "mean_true",
                                       "mean_pred"]
-    assert per_gene["defined"].tolist() == [True, True, False, False]
-    assert s["n_genes_defined"] == 2 and s["n_genes_undefined"] == 2
-    assert s["gene_pcc_mean"] == pytest.approx((R_HAND - 1) / 2)
-    assert s["gene_pcc_median"] == pytest.approx((R_HAND - 1) / 2)
-    assert s["gene_pcc_top50"] == pytest.approx((R_HAND - 1) / 2) and s["top_k_used"] == 2
+    assert per_gene["defined"].tolist() == [True, True, False, True]
+    assert s["n_genes_defined"] == 3 and s["n_genes_undefined"] == 1
+    assert s["gene_pcc_mean"] == pytest.approx((R_HAND - 1 + 0) / 3)
+    assert s["gene_pcc_median"] == pytest.approx(0.0)
+    assert s["gene_pcc_top50"] == pytest.approx((R_HAND - 1) / 3) and s["top_k_used"] == 3
     err = pred - truth
     assert s["rmse"] == pytest.approx(math.sqrt((err ** 2).mean()))
     assert s["mae"] == pytest.approx(np.abs(err).mean())
@@ -57,15 +58,15 @@ def test_spot_pcc_hand_value():
 
 
 def test_constant_profile_predictor_exposes_per_spot_metric():
-    """The average profile scores high per spot and is undefined per gene."""
+    """The average profile scores high per spot and 0 per gene."""
     rng = np.random.default_rng(0)
     gene_means = np.array([0.1, 0.5, 1.0, 2.0, 3.0, 5.0])
     truth = gene_means + rng.normal(0, 0.3, (200, gene_means.size))
     pred = np.tile(truth.mean(0), (200, 1))  # 0.1 + 0.2 + ... is not exact in floats
     per_gene, s = score(truth, pred, [f"g{i}" for i in range(6)])
     assert s["spot_pcc_paper"] > 0.9
-    assert s["n_genes_undefined"] == 6 and not per_gene["defined"].any()
-    assert math.isnan(s["gene_pcc_mean"])
+    assert s["n_genes_undefined"] == 0 and (per_gene["pcc"] == 0).all()
+    assert s["gene_pcc_mean"] == 0.0
     # a tiny jitter makes the per-gene figure defined, and it is about 0
     noisy = pred + rng.normal(0, 1e-3, pred.shape)
     _, s2 = score(truth, noisy, [f"g{i}" for i in range(6)])
@@ -106,9 +107,10 @@ def test_evaluate_mean_baseline_writes_files(study, tmp_path):
     res = evaluate(tmp_path / "mean" / "model.pt", study["bundles"], study["expressions"],
                    ["C"], tmp_path / "eval", split="lopo-P2", device="cpu", figures=True)
     per_gene = pd.read_csv(tmp_path / "eval" / "per_gene" / "C.tsv", sep="\t")
-    assert len(per_gene) == len(study["genes"]) and not per_gene["defined"].any()
+    assert len(per_gene) == len(study["genes"]) and per_gene["defined"].any()
+    assert (per_gene.loc[per_gene["defined"], "pcc"] == 0).all()
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["mean"]["gene_pcc_mean"] is None  # undefined: JSON null, not NaN
+    assert summary["mean"]["gene_pcc_mean"] == 0.0  # a constant carries no information
     assert summary["mean"]["spot_pcc_paper"] > 0.5
     assert res["n_spots"] == 20
     for f in ("C.maps.png", "C.pcc_hist.png"):
