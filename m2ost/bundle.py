@@ -51,6 +51,10 @@ class BundleWriter:
         self.attrs = attrs
         self.provenance = provenance or {}
         self._written = np.zeros(self.n, bool)
+        # Per-spot metadata is small: kept here and stored once, when the bundle is complete.
+        self._padded = np.zeros((self.n, len(sizes)), bool)
+        self._tissue = np.zeros(self.n, np.float32)
+        self._digest = np.zeros(self.n, np.uint64)
 
     def __enter__(self) -> "BundleWriter":
         tmp = self._ctx.__enter__()
@@ -58,6 +62,7 @@ class BundleWriter:
         f = self.h5
         self.views = [f.create_dataset(f"view_{v}", (self.n, s, s, 3), np.uint8, chunks=(1, s, s, 3))
                       for v, s in enumerate(self.sizes)]
+        self._chunk_shapes = [ds.shape[1:] for ds in self.views]
         f["img"] = self.views[0]
         f.create_dataset("barcode", data=np.array(self.spot_ids, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("coords", data=self.coords.astype(np.int64))
@@ -72,20 +77,31 @@ class BundleWriter:
         f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True)
         return self
 
-    def write(self, idx, arrays: list[np.ndarray], padded: np.ndarray, tissue: np.ndarray) -> None:
-        for k, i in enumerate(idx):
+    def write(self, idx, arrays: list[np.ndarray], padded: np.ndarray, tissue: np.ndarray,
+              digests: np.ndarray | None = None) -> None:
+        """Store the views of the spots ``idx`` (any order); ``digests`` are computed when not given."""
+        idx = np.asarray(idx, np.int64)
+        for k, i in enumerate(idx.tolist()):
             views = [a[k] for a in arrays]
-            for ds, view in zip(self.views, views):
-                ds[i] = view
-            self.digest[i] = spot_digest(views)
-        order = np.argsort(idx)
-        sorted_idx = np.asarray(idx)[order]
-        self.padded[sorted_idx] = padded[order]
-        self.tissue[sorted_idx] = tissue[order]
+            for ds, shape, view in zip(self.views, self._chunk_shapes, views):
+                if view.dtype == np.uint8 and view.shape == shape and view.flags.c_contiguous:
+                    # One spot is one uncompressed chunk: hand HDF5 the bytes, no selection machinery.
+                    ds.id.write_direct_chunk((i, 0, 0, 0), view)
+                else:
+                    ds[i] = view
+            self._digest[i] = spot_digest(views) if digests is None else digests[k]
+        self._padded[idx] = padded
+        self._tissue[idx] = tissue
         self._written[idx] = True
 
     def __exit__(self, exc_type, exc, tb):
-        self.h5.close()
+        try:
+            if exc_type is None:
+                self.padded[...] = self._padded
+                self.tissue[...] = self._tissue
+                self.digest[...] = self._digest
+        finally:
+            self.h5.close()
         if exc_type is None and not self._written.all():
             err = RuntimeError(f"bundle {self.path}: {int((~self._written).sum())} spots were never written")
             self._ctx.__exit__(RuntimeError, err, None)  # removes the temporary file

@@ -39,7 +39,8 @@ def cmd_demo(args) -> None:
 def cmd_spots(args) -> None:
     from .spots import read_positions, write_spots
 
-    table = read_positions(args.format, args.positions, args.sample, in_tissue_only=not args.keep_off_tissue)
+    table = read_positions(args.format, args.positions, args.sample, in_tissue_only=not args.keep_off_tissue,
+                           scalefactors=args.scalefactors)
     write_spots(table, args.out)
     log.info("%s: %d spots written to %s", args.sample, len(table), args.out)
 
@@ -58,7 +59,7 @@ def cmd_tile(args) -> None:
     from .tiling import View, tile_slide
 
     settings = _settings(args.settings)
-    info = read_slide_info(args.slide_info)
+    info = read_slide_info(args.slide_info, args.sample)
     views = [View.from_config(v) for v in settings["views"]]
     tile_slide(args.sample, info["slide"], read_spots(args.spots, args.sample), info["mpp"], views, args.out,
                workers=args.workers, strategy=settings.get("strategy", "pyramid"), mpp_source=info["mpp_source"],
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["visium", "legacy_st", "h5ad"])
     p.add_argument("--positions", required=True)
     p.add_argument("--keep-off-tissue", action="store_true")
+    p.add_argument("--scalefactors", help="Visium scalefactors_json.json (default: beside --positions)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_spots)
 
@@ -167,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    from .train import TrainingDiverged
-
     try:
         args.func(args)
-    except (InputError, TrainingDiverged) as err:
+    except Exception as err:
+        # m2ost.train (and torch) only where the command imported it: the conda envs of the
+        # slide and expression rules have no torch.
+        train = sys.modules.get(f"{__package__}.train")
+        if not isinstance(err, InputError) and not (train and isinstance(err, train.TrainingDiverged)):
+            raise
         print(f"m2ost: error: {err}", file=sys.stderr)
         return 1
     return 0

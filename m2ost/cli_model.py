@@ -51,7 +51,8 @@ def cmd_grid(args) -> None:
     from .spots import write_spots
 
     settings = _settings(args.settings)
-    table = grid_spots(args.sample, read_slide_info(args.slide_info), settings.get("spot_spacing_um", 100.0),
+    info = read_slide_info(args.slide_info, args.sample)
+    table = grid_spots(args.sample, info, settings.get("spot_spacing_um", 100.0),
                        settings.get("min_tissue_fraction", 0.25))
     write_spots(table, args.out)
 

@@ -62,7 +62,15 @@ def _decode(values) -> np.ndarray:
 
 
 def read_bundle_info(bundle: str | os.PathLike, sample: str | None = None) -> dict:
-    """The attributes of a spot bundle that matter to a model: views, sizes, fields of view."""
+    """The attributes of a spot bundle that matter to a model: views, sizes, fields of view.
+
+    The bundle's datasets are first checked for consistency (:func:`m2ost.bundle.read_meta`:
+    every view and per-spot dataset present, with one row per spot), so a truncated or edited
+    bundle is refused here, naming the file to regenerate.
+    """
+    from .bundle import read_meta
+
+    read_meta(bundle, sample)
     try:
         with h5py.File(bundle, "r") as f:
             a = f.attrs
@@ -105,9 +113,45 @@ def check_views(views: Sequence[int] | None, info: dict, bundle, sample) -> list
     return views
 
 
+def verify_rows(bundle: str | os.PathLike, rows: np.ndarray, sample: str | None = None,
+                block: int = 64) -> None:
+    """Check the views of the bundle rows ``rows`` against their stored per-spot digests.
+
+    Reads every view of those rows once (one pass, ``block`` rows at a time). Raises InputError
+    naming the bundle, the first spot that differs, and what to do (rerun tiling).
+    """
+    from .bundle import spot_digest
+
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    try:
+        with h5py.File(bundle, "r") as f:
+            n_views = int(f.attrs["n_views"])
+            stored = np.asarray(f["spot_digest"][:], dtype=np.uint64)
+            views = [f[f"view_{v}"] for v in range(n_views)]
+            barcodes = f["barcode"]
+            for start in range(0, len(rows), block):
+                part = rows[start:start + block]
+                lo, hi = int(part[0]), int(part[-1]) + 1
+                if hi - lo <= 4 * len(part):  # dense: one slab per view, then pick the rows
+                    blocks = [ds[lo:hi][part - lo] for ds in views]
+                else:  # sparse: row by row (one chunk each; h5py's list indexing is far slower)
+                    blocks = [np.stack([ds[r] for r in part.tolist()]) for ds in views]
+                for k, r in enumerate(part.tolist()):
+                    if spot_digest([b[k] for b in blocks]) != int(stored[r]):
+                        spot = barcodes[r]
+                        spot = spot.decode() if isinstance(spot, bytes) else str(spot)
+                        raise InputError(f"spot {r} ({spot}) does not match its stored digest: the bundle was "
+                                         "modified or damaged after tiling; delete it and rerun the tiling stage",
+                                         file=bundle, sample=sample)
+    except (OSError, KeyError) as err:
+        raise InputError(f"unreadable spot bundle ({err}); delete it and rerun the tiling stage",
+                         file=bundle, sample=sample) from None
+
+
 def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None = None,
                 genes: Sequence[str] | None = None, views: Sequence[int] | None = None,
-                drop_padded: bool = False, sample: str | None = None) -> SampleData:
+                drop_padded: bool = False, sample: str | None = None,
+                verify: bool = True) -> SampleData:
     """Read the spot table of one sample and, if given, its targets on the gene panel.
 
     Parameters
@@ -123,12 +167,17 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
         Views to use (None = all).
     drop_padded
         Drop spots where any selected view reached outside the slide.
+    verify
+        Check the views of the rows used against their stored digests (:func:`verify_rows`:
+        one extra read of those rows), so that a bundle edited or damaged after tiling is
+        refused before a model sees it. The shapes are always checked.
 
     Raises
     ------
     InputError
         Bundle and expression disagree (spot ids of the bundle rows differ from the obs index),
-        panel genes missing from the expression, non-finite targets, bad views.
+        panel genes missing from the expression, non-finite targets, bad views, a bundle or
+        expression file damaged or edited after it was written.
     """
     info = read_bundle_info(bundle, sample)
     views = check_views(views, info, bundle, sample)
@@ -161,6 +210,8 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
         rows, spot_ids, coords, padded = rows[keep], spot_ids[keep], coords[keep], padded[keep]
         if targets is not None:
             targets = targets[keep]
+    if verify:
+        verify_rows(bundle, rows, sample or info["sample"])
     return SampleData(sample=sample or info["sample"], bundle=str(bundle), rows=rows,
                       spot_ids=spot_ids, coords=coords, padded=padded, targets=targets,
                       info=info)
@@ -200,7 +251,7 @@ def _read_targets(expression, genes, barcodes, sample) -> tuple[np.ndarray, np.n
 def load_samples(bundles: Mapping[str, str], expressions: Mapping[str, str],
                  genes: Sequence[str], samples: Sequence[str],
                  views: Sequence[int] | None = None,
-                 drop_padded: bool = False) -> list[SampleData]:
+                 drop_padded: bool = False, verify: bool = True) -> list[SampleData]:
     """:func:`load_sample` for several samples, checking that their views agree.
 
     All samples must have the same selected view sizes and fields of view (within 1 %), so that
@@ -213,7 +264,8 @@ def load_samples(bundles: Mapping[str, str], expressions: Mapping[str, str],
         if s not in expressions:
             raise InputError("no expression file given (samples used for training or "
                              "scoring need expression)", sample=s)
-        out.append(load_sample(bundles[s], expressions[s], genes, views, drop_padded, sample=s))
+        out.append(load_sample(bundles[s], expressions[s], genes, views, drop_padded, sample=s,
+                               verify=verify))
     if out:
         ref = out[0]
         vs = check_views(views, ref.info, ref.bundle, ref.sample)

@@ -26,7 +26,7 @@ import pandas as pd
 from .atomic import atomic_path
 from .dataset import SampleData, SpotDataset, check_same_views, load_sample, read_bundle_info
 from .errors import InputError
-from .metrics import TOP_K, score
+from .metrics import MIN_SPOTS, TOP_K, score
 from .provenance import provenance
 from .train import Predictor, load_model
 
@@ -86,13 +86,23 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     predictor = load_model(model_file, device)
     out_dir = Path(out_dir)
     name = model_name or predictor.kind
-    per_sample, blocks = {}, []
+    per_sample, blocks, loaded = {}, [], {}
+    # Every held-out sample is loaded and checked before anything is written: a bad one ends the
+    # run with nothing in out_dir that could pass for a (partial) result.
     for s in test_samples:
         if s not in bundles or s not in expressions:
             raise InputError("held-out sample needs a bundle and an expression file", sample=s)
         _check_bundle(predictor, read_bundle_info(bundles[s], s), bundles[s], s)
         data = load_sample(bundles[s], expressions[s], predictor.genes, predictor.views,
                            drop_padded=False, sample=s)
+        if len(data) < MIN_SPOTS:
+            raise InputError(f"held-out sample has {len(data)} spot(s) with expression; per-gene "
+                             f"Pearson needs at least {MIN_SPOTS}, so it cannot be scored (move it "
+                             "to the training side of the split or leave it out)",
+                             file=expressions[s], sample=s)
+        loaded[s] = data
+    for s in test_samples:
+        data = loaded[s]
         pred = _predict_sample(predictor, data, batch_size, workers, progress)
         per_gene, summary = score(data.targets, pred, predictor.genes, sample=s)
         with atomic_path(out_dir / "per_gene" / f"{s}.tsv") as tmp:

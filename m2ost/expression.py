@@ -120,7 +120,7 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
     if matched == 0:
         raise _counts_error(f"spot ids do not match the counts: 0 of {len(spot_ids)} spots found among "
                             f"{adata.n_obs} count rows (e.g. spot {spot_ids[0]!r} vs count row "
-                            f"{adata.obs_names[0]!r})", counts_path, sample)
+                            f"{adata.obs_names[0]!r}){_id_hint(spot_ids, adata.obs_names)}", counts_path, sample)
     no_counts = len(spot_ids) - matched
     no_spot = adata.n_obs - matched
     if no_counts:
@@ -150,10 +150,52 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
                           "dropped_no_counts": no_counts, "dropped_no_spot": no_spot,
                           "dropped_low_counts": int(low.sum()), "provenance_json": _json(provenance)}
     adata.uns.pop("log1p", None)
+    adata.uns["m2ost"]["content_digest"] = content_digest(adata)
     log.info("%s: %d spots x %d genes kept", sample, adata.n_obs, adata.n_vars)
     with atomic_path(out_path) as tmp:
         adata.write_h5ad(tmp)
     return adata
+
+
+def _id_hint(spot_ids, count_ids) -> str:
+    """Why no id matches, when it is the usual Visium ``-1`` suffix or letter case."""
+    def strip(values):
+        return {str(v).rsplit("-", 1)[0] for v in values}
+
+    spots, counts = set(map(str, spot_ids)), set(map(str, count_ids))
+    if strip(spots) & strip(counts):
+        return "; the ids differ only in a '-N' suffix (Space Ranger appends '-1' to barcodes)"
+    if {v.upper() for v in spots} & {v.upper() for v in counts}:
+        return "; the ids differ only in letter case"
+    return "; are positions and counts from the same sample?"
+
+
+def content_digest(adata) -> str:
+    """A hash of what the later stages read from an expression file: X, raw counts, spot and gene
+    names, bundle rows and centres. Stored in ``uns["m2ost"]`` so edits and damage are found."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+
+    def matrix(m):
+        if sp.issparse(m):
+            m = sp.csr_matrix(m)
+            for part, dtype in ((m.data, np.float32), (m.indices, np.int64), (m.indptr, np.int64)):
+                h.update(np.ascontiguousarray(part, dtype=dtype).data)
+        else:
+            h.update(np.ascontiguousarray(m, dtype=np.float32).data)
+        h.update(str(m.shape).encode())
+
+    matrix(adata.X)
+    if "counts" in adata.layers:
+        matrix(adata.layers["counts"])
+    for names in (adata.obs_names, adata.var_names):
+        h.update("\0".join(map(str, names)).encode() + b"\1")
+    if "bundle_row" in adata.obs.columns:
+        h.update(np.ascontiguousarray(adata.obs["bundle_row"].to_numpy(), dtype=np.int64).data)
+    if "spatial" in adata.obsm:
+        h.update(np.ascontiguousarray(adata.obsm["spatial"], dtype=np.float64).data)
+    return h.hexdigest()
 
 
 def _json(obj) -> str:
@@ -171,9 +213,16 @@ def read_expression(path, sample=None, backed: bool = False):
     try:
         adata = anndata.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:
-        raise InputError(f"unreadable expression file ({type(err).__name__}: {err}); delete it and rerun "
-                         "the expression stage".splitlines()[0], file=path, sample=sample) from None
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise InputError(f"unreadable expression file ({detail}); delete it and rerun the expression stage",
+                         file=path, sample=sample) from None
     if "bundle_row" not in adata.obs.columns or "spatial" not in adata.obsm:
         raise InputError("expression file lacks obs['bundle_row'] or obsm['spatial']; rerun the expression stage",
+                         file=path, sample=sample)
+    stored = adata.uns.get("m2ost", {})
+    stored = stored.get("content_digest") if isinstance(stored, dict) else None
+    if stored is not None and not backed and content_digest(adata) != str(stored):
+        raise InputError("expression file does not match its stored digest: it was edited or damaged after the "
+                         "expression stage wrote it; delete it and rerun the expression stage",
                          file=path, sample=sample)
     return adata

@@ -72,10 +72,15 @@ def select_panel(method: str, n_genes: int, train: dict[str, str], others: dict[
         genes = read_gene_list(list_file)
         present = set(candidates)
         for sample, adata in adatas.items():
-            missing = [g for g in genes if g not in set(adata.var_names)]
+            names = set(adata.var_names)
+            missing = [g for g in genes if g not in names]
             if missing:
+                upper = {n.upper(): n for n in names}
+                cased = [(g, upper[g.upper()]) for g in missing if g.upper() in upper]
+                hint = (f" (letter case differs, e.g. {cased[0][0]} vs {cased[0][1]} in the data)"
+                        if cased else "")
                 raise InputError(f"{len(missing)} of {len(genes)} panel genes missing from this sample, e.g. "
-                                 f"{', '.join(missing[:5])}", file=list_file, sample=sample)
+                                 f"{', '.join(missing[:5])}{hint}", file=list_file, sample=sample)
         return [g for g in genes if g in present]
 
     import anndata

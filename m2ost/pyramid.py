@@ -41,6 +41,9 @@ __all__ = [
 # Uncompressed level-0 size above which the file is written as BigTIFF: classic
 # TIFF offsets are 32-bit, and JPEG may compress poorly on noisy images.
 _BIGTIFF_RAW_BYTES = 2**31
+# Raw tiles handed to the JPEG encoder threads in one batch. tifffile's default (512 MiB) would
+# dominate the writer's memory on wide slides; 64 MiB is still hundreds of tiles per batch.
+_ENCODE_BATCH_BYTES = 64 * 2**20
 
 
 @runtime_checkable
@@ -191,12 +194,14 @@ def pyramid_shapes(height: int, width: int, min_size: int = 512) -> list[tuple[i
 
 def _downsample2(strip: np.ndarray) -> np.ndarray:
     """2x2 area average of an RGB uint8 strip (odd edges replicated), rounded."""
+    from PIL import Image
+
     h, w = strip.shape[:2]
     if h % 2 or w % 2:
         strip = np.pad(strip, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    s = strip.astype(np.uint16)
-    total = s[0::2, 0::2] + s[1::2, 0::2] + s[0::2, 1::2] + s[1::2, 1::2]
-    return ((total + 2) >> 2).astype(np.uint8)
+    # PIL's 2x2 box reduction is (sum + 2) >> 2, bit-identical to the numpy expression
+    # ((a + b + c + d + 2) >> 2 in uint16) and about 3x faster; it dominated pyramid writing.
+    return np.asarray(Image.fromarray(np.ascontiguousarray(strip)).reduce(2))
 
 
 def _tiles_of_level(
@@ -307,6 +312,7 @@ def write_pyramidal_tiff(
                     software="m2ost",
                     metadata=None,  # no JSON description: keeps files byte-reproducible
                     maxworkers=workers,
+                    buffersize=_ENCODE_BATCH_BYTES,
                 )
                 if isinstance(current, _RawLevel):
                     current.close()  # free its disk space as soon as it is written

@@ -144,10 +144,11 @@ def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".
             if not mpp > 0:
                 raise InputError(f"line {line_no}: mpp must be positive, got {mpp}", file=path, sample=name)
         slide = _resolve(row["slide"], root)
-        if slide in slides:
-            raise InputError(f"line {line_no}: slide {row['slide']} is already used by sample {slides[slide]}",
+        same = os.path.realpath(slide)  # one file reached by two spellings or a link is one slide
+        if same in slides:
+            raise InputError(f"line {line_no}: slide {row['slide']} is already used by sample {slides[same]}",
                              file=path, sample=name)
-        slides[slide] = name
+        slides[same] = name
         extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
         samples.append(Sample(sample=name, patient=row["patient"], slide=slide, format=fmt,
                               counts=_resolve(row.get("counts", ""), root),

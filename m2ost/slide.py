@@ -129,7 +129,11 @@ def resolve_mpp(sample: str, metadata: float | None, sheet: float | None, spots=
     if spots is None or not fmt:
         raise InputError("slide has no resolution metadata and no mpp in the sample sheet "
                          "(and no spot grid to estimate it from)", file=file, sample=sample)
-    mpp = estimate_mpp_from_grid(spots, fmt, sample)
+    try:
+        mpp = estimate_mpp_from_grid(spots, fmt, sample)
+    except InputError as err:
+        raise InputError(f"slide has no resolution metadata and no mpp in the sample sheet, and {err.problem}",
+                         file=file, sample=sample) from None
     return mpp, f"estimated from the {fmt} spot grid"
 
 
@@ -177,6 +181,19 @@ def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, she
     return info
 
 
-def read_slide_info(path) -> dict:
-    with open(path) as handle:
-        return json.load(handle)
+def read_slide_info(path, sample: str | None = None) -> dict:
+    """The JSON written by :func:`prepare_slide`, checked for the keys the later stages use."""
+    try:
+        with open(path) as handle:
+            info = json.load(handle)
+    except FileNotFoundError:
+        raise InputError("slide info not found (run the slide preparation stage)", file=path, sample=sample) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"unreadable slide info ({err}); delete it and rerun the slide preparation stage",
+                         file=path, sample=sample) from None
+    missing = [k for k in ("slide", "mpp") if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise InputError(f"slide info lacks {', '.join(missing)}; delete it and rerun the slide preparation stage",
+                         file=path, sample=sample)
+    info.setdefault("mpp_source", "")
+    return info

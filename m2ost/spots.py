@@ -96,18 +96,61 @@ def read_visium_positions(path, sample: str | None = None, in_tissue_only: bool 
                          "array_col": df["array_col"].to_numpy(float)})
 
 
+def visium_scalefactors_path(positions) -> str:
+    """Where Space Ranger puts ``scalefactors_json.json``: beside the tissue positions file."""
+    return os.path.join(os.path.dirname(str(positions)), "scalefactors_json.json")
+
+
 def read_visium_scalefactors(path, sample: str | None = None) -> dict:
+    """Space Ranger's ``scalefactors_json.json``; ``spot_diameter_fullres`` must be a positive number."""
     if not os.path.isfile(path):
-        raise InputError("Visium scalefactors_json.json not found (Space Ranger writes it to outs/spatial)",
-                         file=path, sample=sample)
+        raise InputError("Visium scalefactors_json.json not found (Space Ranger writes it to outs/spatial, "
+                         "beside tissue_positions.csv; copy it there)", file=path, sample=sample)
     try:
         with open(path) as handle:
             factors = json.load(handle)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"scalefactors is not valid JSON: {err}", file=path, sample=sample) from None
-    if "spot_diameter_fullres" not in factors:
+    if not isinstance(factors, dict) or "spot_diameter_fullres" not in factors:
         raise InputError("scalefactors lacks spot_diameter_fullres", file=path, sample=sample)
+    try:
+        diameter = float(factors["spot_diameter_fullres"])
+    except (TypeError, ValueError):
+        diameter = float("nan")
+    if not (np.isfinite(diameter) and diameter > 0):
+        raise InputError(f"spot_diameter_fullres must be a positive number, got {factors['spot_diameter_fullres']!r}",
+                         file=path, sample=sample)
     return factors
+
+
+# Relative disagreement between the resolution implied by spot_diameter_fullres and the one
+# estimated from the spot grid above which the spots stage warns.
+MPP_DISAGREEMENT = 0.10
+
+
+def check_visium_scale(table: pd.DataFrame, factors: dict, scalefactors_path, sample: str | None = None) -> dict:
+    """Compare the µm per pixel implied by ``spot_diameter_fullres`` (a 55 µm spot) with the grid estimate.
+
+    Returns both values (None where not computable). A disagreement of more than 10 % means the
+    positions and the scale factors come from different runs or images: warned, not fatal, since
+    the tiler uses the slide's own resolution.
+    """
+    from_diameter = VISIUM_SPOT_DIAMETER_UM / float(factors["spot_diameter_fullres"])
+    try:
+        from_grid = estimate_mpp_from_grid(table, "visium", sample)
+    except InputError as err:
+        log.info("%s: grid estimate of the resolution unavailable (%s); scalefactors give %.4f µm/px",
+                 sample, err.problem, from_diameter)
+        return {"mpp_from_spot_diameter": from_diameter, "mpp_from_grid": None}
+    gap = abs(from_grid - from_diameter) / from_grid
+    if gap > MPP_DISAGREEMENT:
+        log.warning("%s: spot_diameter_fullres in %s implies %.4f µm/px but the spot grid gives %.4f µm/px "
+                    "(%.0f%% apart): positions and scale factors may come from different Space Ranger runs",
+                    sample, scalefactors_path, from_diameter, from_grid, 100 * gap)
+    else:
+        log.info("%s: %.4f µm/px from spot_diameter_fullres, %.4f µm/px from the spot grid", sample,
+                 from_diameter, from_grid)
+    return {"mpp_from_spot_diameter": from_diameter, "mpp_from_grid": from_grid}
 
 
 def read_h5ad_positions(path, sample: str | None = None) -> pd.DataFrame:
@@ -141,12 +184,22 @@ def read_h5ad_positions(path, sample: str | None = None) -> pd.DataFrame:
         adata.file.close()
 
 
-def read_positions(fmt: str, path, sample: str | None = None, in_tissue_only: bool = True) -> pd.DataFrame:
-    """Read a spot table of any supported format and check it."""
+def read_positions(fmt: str, path, sample: str | None = None, in_tissue_only: bool = True,
+                   scalefactors=None) -> pd.DataFrame:
+    """Read a spot table of any supported format and check it.
+
+    Visium needs Space Ranger's ``scalefactors_json.json`` (``scalefactors``; by default beside
+    the positions file): its spot diameter is checked against the spot grid.
+    """
     if fmt == "legacy_st":
         table = read_legacy_st_positions(path, sample)
     elif fmt == "visium":
         table = read_visium_positions(path, sample, in_tissue_only)
+        scalefactors = scalefactors or visium_scalefactors_path(path)
+        factors = read_visium_scalefactors(scalefactors, sample)
+        table = check_spots(table, path, sample)
+        check_visium_scale(table, factors, scalefactors, sample)
+        return table
     elif fmt == "h5ad":
         table = read_h5ad_positions(path, sample)
     else:

@@ -17,17 +17,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _one_thread():
+    """One torch thread in every test, set again around each one: scanpy's normalisation (numba /
+    threadpoolctl) resets the shared OpenMP thread count, and a training run computed in-process
+    with 2 threads then differs in the last bits from one in a 1-thread subprocess. Set after each
+    test too, so that module-scoped fixtures (set up before a test's own fixtures) see 1 thread."""
     try:
         import torch
     except ImportError:  # tests of modules that need no torch
         yield
         return
-    before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

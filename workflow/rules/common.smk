@@ -137,6 +137,10 @@ def eval_settings():
     return {"device": t["device"], "batch_size": t["eval_batch_size"] or 2 * t["batch_size"]}
 
 
+def predict_settings():
+    return {"device": config["train"]["device"], "batch_size": config["predict"]["batch_size"]}
+
+
 def summary_files():
     return [f"results/metrics/{m}/{s}/summary.json" for m in config["models"] for s in SPLITS]
 

@@ -106,7 +106,7 @@ rule predict:
     wildcard_constraints:
         sample=_alternatives(HE_SAMPLES),
     params:
-        settings=as_json(eval_settings()),
+        settings=as_json(predict_settings()),
     threads: 2
     resources:
         mem_mb=8000,
