@@ -6,14 +6,14 @@ Measured in one run, on two slides:
   pyramidal TIFF, with the HER2+ views (224/448/896 px fields -> 224 px, levels 0/1/2) and
   with the default µm views (112/224/448 µm -> 224 px, resized).
 - ``large``: a generated 40,000 x 30,000 px (1.2 gigapixel) slide at 0.25 µm/px, JPEG tiles
-  of 256 px, about 4,700 spots on a 100-µm hexagonal grid over the tissue, views of
+  of 256 px, 4,899 spots on a 100-µm hexagonal grid over the tissue, views of
   112/224/448 µm at 224 px (levels 1/2/3, no resizing). Generated once into the work
   directory; later runs reuse it.
 
 For each case:
 
 - ``tiler``: ``tile_slide(strategy="pyramid")`` with 1 and 2 workers, all spots; peak memory
-  of the whole process tree (sampled PSS and RSS sums, and the kernel's per-process maximum).
+  of the whole process tree (sampled PSS and RSS sums, and the sum of per-process high-water marks).
 - ``naive``: ``tile_slide(strategy="naive")``: every view read at level 0 then resized (what
   the authors did). On ``large`` only on a random subset of spots (``--naive-spots``), with the
   tiler timed on the same subset for a like-for-like ratio; the full-slide time is extrapolated.
@@ -23,22 +23,22 @@ For each case:
   tiles available here), split over 1 and 2 processes; and, for reference, OpenSlide's
   ``read_region`` of exactly one tile.
 
-Every measurement runs in a fresh child process (``--child``), so memory is that of the run.
+Every measurement runs in a fresh child process (``--child``), so memory is that of the run;
+wall-clock and CPU seconds (of the process tree) are both reported. Before the cases, the
+cost of each piece (tile decode, OpenSlide read_region, digest, tissue fraction, HDF5 write)
+is timed alone; ``--profile`` / ``--py-spy`` add where-the-time-goes tables.
 
 Examples
 --------
-Everything (about 5 minutes on 2 cores, once the large slide exists; generating it takes ~1)::
+Everything in docs/performance.md (12 minutes on 2 busy cores once the large slide exists;
+generating it takes about 1 more; ``--py-spy`` needs ``pip install py-spy``)::
 
-    python benchmarks/tiling.py
+    python benchmarks/tiling.py --profile --py-spy --repeat-large 2
 
-The figures of an older version of the package (here: the last commit)::
+The tiler of an older version of the package (here: before the optimisation)::
 
-    git archive HEAD m2ost | tar -x -C /tmp/m2ost-before
-    python benchmarks/tiling.py --package-root /tmp/m2ost-before --skip naive,floor
-
-Where the time goes in the tiler (cProfile of the 1-worker run on the large slide)::
-
-    python benchmarks/tiling.py --slides large --skip naive,floor --workers 1 --profile
+    git archive d3c00b9 m2ost | tar -x -C /tmp/m2ost-before
+    python benchmarks/tiling.py --package-root /tmp/m2ost-before --skip naive,floor,components --repeat 1
 """
 
 from __future__ import annotations
