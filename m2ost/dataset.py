@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from .errors import InputError
 
@@ -120,13 +120,14 @@ def verify_rows(bundle: str | os.PathLike, rows: np.ndarray, sample: str | None 
     Reads every view of those rows once (one pass, ``block`` rows at a time). Raises InputError
     naming the bundle, the first spot that differs, and what to do (rerun tiling).
     """
-    from .bundle import spot_digest
+    from .bundle import digest_algorithm, spot_digest
 
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     try:
         with h5py.File(bundle, "r") as f:
             n_views = int(f.attrs["n_views"])
             stored = np.asarray(f["spot_digest"][:], dtype=np.uint64)
+            algorithm = digest_algorithm(f, bundle, sample)
             views = [f[f"view_{v}"] for v in range(n_views)]
             barcodes = f["barcode"]
             for start in range(0, len(rows), block):
@@ -137,7 +138,7 @@ def verify_rows(bundle: str | os.PathLike, rows: np.ndarray, sample: str | None 
                 else:  # sparse: row by row (one chunk each; h5py's list indexing is far slower)
                     blocks = [np.stack([ds[r] for r in part.tolist()]) for ds in views]
                 for k, r in enumerate(part.tolist()):
-                    if spot_digest([b[k] for b in blocks]) != int(stored[r]):
+                    if spot_digest([b[k] for b in blocks], algorithm) != int(stored[r]):
                         spot = barcodes[r]
                         spot = spot.decode() if isinstance(spot, bytes) else str(spot)
                         raise InputError(f"spot {r} ({spot}) does not match its stored digest: the bundle was "
@@ -326,13 +327,15 @@ def augment_settings(cfg: Mapping | bool | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 class SpotDataset(Dataset):
-    """Items ``(images, target, jitter)`` over the spots of several samples.
+    """Items ``(images, target, aug)`` over the spots of several samples.
 
-    ``images`` is a uint8 tensor (V, H, W, 3) of the selected views of one spot, all views under
-    the same flip/rotation; ``target`` the float32 expression on the panel (an empty tensor for
-    samples without targets); ``jitter`` the float32 (3,) brightness/contrast/saturation factors
-    drawn for this spot (ones without augmentation), applied on the device by
-    :func:`prepare_batch`.
+    ``images`` is the uint8 tensor (V, H, W, 3) of the selected views of one spot, as stored;
+    ``target`` the float32 expression on the panel (an empty tensor for samples without
+    targets); ``aug`` the float32 (6,) augmentation drawn for this spot: rot90 count, h-flip,
+    v-flip, brightness, contrast, saturation (0, 0, 0, 1, 1, 1 without augmentation).
+    :func:`prepare_batch` applies it on the device, the same flip/rotation to every view of the
+    spot. Flipping 3-byte pixels on the host costs about 4 ms per spot (docs/performance.md), on
+    the device next to nothing, and the loader then only copies bytes.
 
     Parameters
     ----------
@@ -367,6 +370,8 @@ class SpotDataset(Dataset):
         self._handles: dict[int, h5py.File] = {}
         self._pid: int | None = None
         self._inherited: list = []
+        self._view_sets: dict[tuple, list] = {}  # (pid, sample number) -> view readers
+        self._fds: dict[int, int] = {}  # sample number -> raw file descriptor (this process)
 
     # -- bookkeeping ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -404,7 +409,7 @@ class SpotDataset(Dataset):
             # A forked DataLoader worker inherits the parent's handles; HDF5 handles must not be
             # shared across processes, so open new ones (and leave the inherited ones alone).
             self._inherited.append(self._handles)
-            self._handles, self._pid = {}, pid
+            self._handles, self._pid, self._fds = {}, pid, {}
         f = self._handles.get(k)
         if f is None:
             f = self._handles[k] = h5py.File(self.data[k].bundle, "r")
@@ -413,13 +418,16 @@ class SpotDataset(Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_handles"], state["_pid"], state["_inherited"] = {}, None, []
+        state["_view_sets"], state["_fds"] = {}, {}
         return state
 
     def close(self) -> None:
         if self._pid == os.getpid():
             for f in self._handles.values():
                 f.close()
-        self._handles = {}
+            for fd in self._fds.values():
+                os.close(fd)
+        self._handles, self._view_sets, self._fds = {}, {}, {}
 
     # -- items -------------------------------------------------------------------------------
     def read(self, i: int) -> np.ndarray:
@@ -443,25 +451,113 @@ class SpotDataset(Dataset):
         jitter = 1.0 + u * np.array([a["brightness"], a["contrast"], a["saturation"]])
         return k, hflip, vflip, jitter.astype(np.float32)
 
-    def __getitem__(self, i: int):
-        img = self.read(i)
-        jitter = np.ones(3, np.float32)
+    def _views_of(self, k: int) -> list:
+        """Readers of the selected views of sample ``k`` (cached per process): the byte offset
+        of every row's chunk where the view is stored as one uncompressed chunk per spot (as
+        the tiler writes it), so a row is one ``pread`` into the batch buffer; else the h5py
+        dataset."""
+        cached = self._view_sets.get((os.getpid(), k))
+        if cached is None:
+            f = self._file(k)
+            cached = []
+            for v in self.views:
+                ds = f[f"view_{v}"]
+                cached.append(_chunk_offsets(ds) if _one_raw_chunk_per_row(ds) else ds)
+            if any(isinstance(r, np.ndarray) for r in cached):
+                self._fds[k] = os.open(self.data[k].bundle, os.O_RDONLY)
+            self._view_sets[(os.getpid(), k)] = cached
+        return cached
+
+    def __getitems__(self, indices: Sequence[int]) -> "Batch":
+        """A whole batch at once: ``(images (B, V, H, W, 3), targets (B, G), aug (B, 6))``.
+
+        Equal to collating :meth:`__getitem__` item by item, but many times faster: the views
+        are read straight into one preallocated batch buffer (in shared memory inside a
+        DataLoader worker, so nothing is copied again on the way to the main process), sample
+        by sample in file order.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n, size = len(idx), self.image_size
+        images = _batch_buffer((n, len(self.views), size, size, 3))
+        out = images.numpy()
+        ks, ps = self.index[idx, 0], self.index[idx, 1]
+        targets = np.zeros((n, self.n_genes), np.float32)
+        for k in np.unique(ks):
+            positions = np.flatnonzero(ks == k)
+            rows = self.data[k].rows[ps[positions]]
+            order = np.argsort(rows, kind="stable")
+            readers = self._views_of(int(k))
+            fd = self._fds.get(int(k))
+            for j, row in zip(positions[order].tolist(), rows[order].tolist()):
+                for vi, reader in enumerate(readers):
+                    if isinstance(reader, np.ndarray):  # raw chunk: straight into the buffer
+                        dest = out[j, vi]
+                        if os.preadv(fd, [dest], int(reader[row])) != dest.nbytes:
+                            raise InputError(f"short read of spot row {row}: the bundle is "
+                                             "truncated; delete it and rerun the tiling stage",
+                                             file=self.data[k].bundle, sample=self.data[k].sample)
+                    else:
+                        reader.read_direct(out, np.s_[row], np.s_[j, vi])
+            t = self.data[k].targets
+            if t is not None:
+                targets[positions] = t[ps[positions]]
+        aug = np.stack([self.aug_vector(int(i)) for i in idx]) if n else np.zeros((0, 6), np.float32)
+        return Batch((images, torch.from_numpy(targets), torch.from_numpy(aug)))
+
+    def aug_vector(self, i: int) -> np.ndarray:
+        """The float32 (6,) augmentation of item ``i`` this epoch (see the class docstring)."""
         a = self.augment
-        if a["flip"] or a["rot90"] or a["brightness"] or a["contrast"] or a["saturation"]:
-            k, hflip, vflip, jitter = self.draw(i)
-            # Same geometric transform for every view of the spot (axes 1, 2 = H, W).
-            if k:
-                img = np.rot90(img, k, axes=(1, 2))
-            if hflip:
-                img = img[:, :, ::-1]
-            if vflip:
-                img = img[:, ::-1]
-            img = np.ascontiguousarray(img)
+        if not (a["flip"] or a["rot90"] or a["brightness"] or a["contrast"] or a["saturation"]):
+            return np.array([0, 0, 0, 1, 1, 1], np.float32)
+        k, hflip, vflip, jitter = self.draw(i)
+        return np.concatenate([[k, hflip, vflip], jitter]).astype(np.float32)
+
+    def __getitem__(self, i: int):
         kk, p = self.index[i]
         t = self.data[kk].targets
         target = (torch.from_numpy(t[p].copy()) if t is not None
                   else torch.zeros(0, dtype=torch.float32))
-        return torch.from_numpy(img), target, torch.from_numpy(jitter)
+        return torch.from_numpy(self.read(i)), target, torch.from_numpy(self.aug_vector(i))
+
+
+def _one_raw_chunk_per_row(ds: h5py.Dataset) -> bool:
+    """True where each row of ``ds`` is one unfiltered (uncompressed) chunk."""
+    return (ds.chunks == (1, *ds.shape[1:]) and ds.compression is None
+            and ds.id.get_create_plist().get_nfilters() == 0 and ds.dtype == np.uint8)
+
+
+def _chunk_offsets(ds: h5py.Dataset) -> np.ndarray | h5py.Dataset:
+    """The file offset of every row's chunk, or ``ds`` itself if a chunk was never written."""
+    offsets = np.empty(ds.shape[0], np.int64)
+    zeros = (0,) * (ds.ndim - 1)
+    for row in range(ds.shape[0]):
+        info = ds.id.get_chunk_info_by_coord((row, *zeros))
+        if info.byte_offset is None or info.size != ds.dtype.itemsize * np.prod(ds.shape[1:]):
+            return ds
+        offsets[row] = info.byte_offset
+    return offsets
+
+
+class Batch(tuple):
+    """A batch already collated by :meth:`SpotDataset.__getitems__` (see :func:`collate`)."""
+
+
+def collate(items):
+    """The DataLoader's collate: a :class:`Batch` passes through, a list of items is stacked."""
+    if isinstance(items, Batch):
+        return tuple(items)
+    return default_collate(items)
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in shared memory when called in a DataLoader worker, as
+    torch's own collate does, so that sending it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    numel = int(np.prod(shape))
+    elem = torch.empty(0, dtype=torch.uint8)
+    storage = elem._typed_storage()._new_shared(numel, device=elem.device)
+    return elem.new(storage).resize_(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,12 +584,46 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def apply_geometry(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+    """Rotate and flip each spot of ``x`` (B, V, C, H, W) by its ``aug`` (B, >=3) rot90 count,
+    h-flip, v-flip, in that order (``np.rot90`` over (H, W), then W reversed, then H reversed);
+    every view of a spot gets the same transform. At most 16 distinct transforms: one
+    vectorised op each."""
+    codes = aug[:, :3].round().long().cpu()
+    if not bool(codes.any()):
+        return x
+    out = x.clone()
+    for code in torch.unique(codes, dim=0).tolist():
+        k, hflip, vflip = code
+        if not (k % 4 or hflip or vflip):
+            continue
+        sel = torch.nonzero((codes == torch.tensor(code)).all(dim=1)).flatten().to(x.device)
+        y = x.index_select(0, sel)
+        if k % 4:
+            y = torch.rot90(y, k % 4, dims=(-2, -1))
+        if hflip:
+            y = y.flip(-1)
+        if vflip:
+            y = y.flip(-2)
+        out.index_copy_(0, sel, y)
+    return out
+
+
 def prepare_batch(images: torch.Tensor, device: torch.device,
-                  jitter: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (B, V, H, W, 3) on the host -> normalised float32 (B, V, 3, H, W) on ``device``."""
+                  aug: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, V, H, W, 3) on the host -> normalised float32 (B, V, 3, H, W) on ``device``.
+
+    ``aug``: per-spot augmentation from :class:`SpotDataset`, (B, 6) = rot90 count, h-flip,
+    v-flip, brightness, contrast, saturation; or (B, 3) colour factors only; None = none.
+    """
     x = images.to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)
-    if jitter is not None and not bool(torch.all(jitter == 1)):
-        x = color_jitter(x, jitter.to(device, non_blocking=True))
+    if aug is not None:
+        aug = aug.to(device, non_blocking=True)
+        if aug.shape[-1] == 6:
+            x = apply_geometry(x, aug)
+            aug = aug[:, 3:]
+        if not bool(torch.all(aug == 1)):
+            x = color_jitter(x, aug)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
     return (x - mean) / std
@@ -509,5 +639,6 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int = 0, pin: bool =
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=int(workers), pin_memory=pin, drop_last=drop_last,
+                      collate_fn=collate,
                       persistent_workers=False,
                       prefetch_factor=4 if workers else None)

@@ -468,8 +468,8 @@ def _train(ranks: _Dist, bundles, expressions, genes_file, train_samples, model_
         loss_sum, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not (ranks.main and cfg["progress"]))
-        for step, (images, target, jitter) in enumerate(bar, start=1):
-            x = prepare_batch(images, device, jitter)
+        for step, (images, target, aug) in enumerate(bar, start=1):
+            x = prepare_batch(images, device, aug)
             target = target.to(device, non_blocking=True)
             with autocast(device):
                 pred = net(x)

@@ -61,7 +61,7 @@ def write_bundle(path, sample: str, views: list[np.ndarray], coords: np.ndarray,
                  barcodes: list[str], padded: np.ndarray | None = None,
                  fov_um=FOV_UM, mpp: float = 0.5) -> Path:
     """Write a spot bundle in the layout of ``results/bundles/{sample}.h5``."""
-    from m2ost.bundle import spot_digest
+    from m2ost.bundle import DIGEST_ALGORITHM, spot_digest
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +80,7 @@ def write_bundle(path, sample: str, views: list[np.ndarray], coords: np.ndarray,
         f.create_dataset("spot_digest", data=np.array(
             [spot_digest([arr[i] for arr in views]) for i in range(n)], dtype=np.uint64))
         f.attrs.update({"n_views": n_views, "n_spots": n, "mpp": mpp,
+                        "digest_algorithm": DIGEST_ALGORITHM,
                         "fov_um": list(fov_um)[:n_views],
                         "size_px": [int(a.shape[1]) for a in views], "sample": sample,
                         "provenance": json.dumps({"synthetic": True})})

@@ -40,11 +40,11 @@ def test_rows_follow_bundle_row_and_padded_spots_drop(tmp_path):
                          drop_padded=True, sample="S")
     assert len(single) == len(keep)
     ds = SpotDataset([s])
-    img, target, jitter = ds[1]
+    img, target, aug = ds[1]
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32, 3)
     assert np.array_equal(img[0].numpy(), d["views"][0][keep[1]])
     assert np.allclose(target.numpy(), d["x"][1], atol=1e-6)
-    assert torch.equal(jitter, torch.ones(3))
+    assert aug.tolist() == [0, 0, 0, 1, 1, 1]  # no augmentation
     assert SpotDataset([single], views=[0])[0][0].shape == (1, 32, 32, 3)
 
 
@@ -81,20 +81,62 @@ def test_views_must_agree_across_samples(tmp_path):
         load_sample(a["bundle"], a["expression"], panel_genes(), views=[5], sample="A")
 
 
+def _normalised(raw: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) as prepare_batch normalises it."""
+    x = torch.from_numpy(np.ascontiguousarray(raw)).permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
 def test_all_views_get_the_same_geometric_transform(tmp_path):
     d = make_sample(tmp_path, "S", n_spots=16, identical_views=True)
     s = load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
-    ds = SpotDataset([s], augment=AUG, seed=5)
+    ds = SpotDataset([s], augment={"flip": True, "rot90": True}, seed=5)
     changed = 0
     for epoch in range(2):
         ds.set_epoch(epoch)
+        images, _, aug = next(iter(make_loader(ds, len(ds))))
+        x = prepare_batch(images, torch.device("cpu"), aug)
         for i in range(len(ds)):
-            img = ds[i][0].numpy()
             raw = d["views"][0][i]
-            assert np.array_equal(img[0], img[1]) and np.array_equal(img[0], img[2])
-            assert any(np.array_equal(img[0], t) for t in _dihedral(raw))
-            changed += not np.array_equal(img[0], raw)
+            assert torch.equal(x[i, 0], x[i, 1]) and torch.equal(x[i, 0], x[i, 2])
+            # exactly the transform drawn: np.rot90, then h-flip, then v-flip
+            k, hflip, vflip = (int(v) for v in aug[i, :3])
+            expected = np.rot90(raw, k)
+            expected = expected[:, ::-1] if hflip else expected
+            expected = expected[::-1] if vflip else expected
+            assert torch.allclose(x[i, 0], _normalised(expected), atol=1e-6)
+            assert any(np.array_equal(expected, t) for t in _dihedral(raw))
+            changed += not np.array_equal(expected, raw)
     assert changed > 10  # the transforms do happen
+
+
+def test_batched_reads_equal_item_reads(study):
+    data = load_samples(study["bundles"], study["expressions"], study["genes"], ["A", "B"])
+    ds = SpotDataset(data, augment=AUG, seed=4)
+    ds.set_epoch(2)
+    order = np.random.default_rng(0).permutation(len(ds))[:12].tolist()  # both samples, shuffled
+    batched = ds.__getitems__(order)
+    assert all(isinstance(r, np.ndarray) for r in ds._views_of(0))  # the raw-chunk fast path
+    items = [ds[i] for i in order]  # h5py reads
+    for part, name in enumerate(("images", "targets", "aug")):
+        assert torch.equal(batched[part], torch.stack([it[part] for it in items])), name
+    ds.close()
+
+
+def test_batched_reads_of_a_compressed_bundle_go_through_h5py(tmp_path):
+    d = make_sample(tmp_path, "S", n_spots=8)
+    with h5py.File(d["bundle"], "r+") as f:  # as another tool might write it: gzip chunks
+        for v in range(3):
+            data = f[f"view_{v}"][:]
+            del f[f"view_{v}"]
+            f.create_dataset(f"view_{v}", data=data, chunks=(1, 32, 32, 3), compression="gzip")
+    s = load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
+    ds = SpotDataset([s])
+    batch = ds.__getitems__([5, 1, 3])
+    assert all(isinstance(r, h5py.Dataset) for r in ds._views_of(0))
+    for j, i in enumerate([5, 1, 3]):
+        assert np.array_equal(batch[0][j, 2].numpy(), d["views"][2][s.rows[i]])
+    ds.close()
 
 
 def test_augmentations_are_redrawn_every_epoch_and_reproducible(study):
@@ -104,9 +146,10 @@ def test_augmentations_are_redrawn_every_epoch_and_reproducible(study):
     e0 = [ds[i] for i in range(len(ds))]
     ds.set_epoch(1)
     e1 = [ds[i] for i in range(len(ds))]
-    assert any(not torch.equal(a[0], b[0]) for a, b in zip(e0, e1))
-    assert all(not torch.equal(a[2], b[2]) for a, b in zip(e0, e1))  # jitter drawn per spot
+    assert any(not torch.equal(a[2][:3], b[2][:3]) for a, b in zip(e0, e1))  # geometry
+    assert all(not torch.equal(a[2][3:], b[2][3:]) for a, b in zip(e0, e1))  # jitter per spot
     assert len({tuple(x[2].tolist()) for x in e0}) == len(ds)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(e0, e1))  # images leave raw
     again = SpotDataset(data, augment=AUG, seed=1)  # a fresh dataset: same draws
     again.set_epoch(1)
     assert all(torch.equal(again[i][0], e1[i][0]) and torch.equal(again[i][2], e1[i][2])
@@ -141,3 +184,18 @@ def test_prepare_batch_normalises_and_jitters_per_spot():
     assert not torch.allclose(y[1], plain[1], atol=1e-3)  # spot 1 jittered
     only1 = prepare_batch(imgs[1:], torch.device("cpu"), jitter[1:])
     assert torch.allclose(only1[0], y[1], atol=1e-6)  # independent of the batch
+
+
+def test_format_1_bundles_with_blake2b_digests_still_verify(tmp_path):
+    from m2ost.bundle import spot_digest
+
+    d = make_sample(tmp_path, "S", n_spots=6)
+    with h5py.File(d["bundle"], "r+") as f:  # as written before xxh3: no attribute, blake2b
+        del f.attrs["digest_algorithm"]
+        f["spot_digest"][:] = [spot_digest([v[i] for v in d["views"]], "blake2b-64")
+                               for i in range(6)]
+    assert len(load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")) == 6
+    with h5py.File(d["bundle"], "r+") as f:  # xxh3 digests under the old format: refused
+        f["spot_digest"][:] = [spot_digest([v[i] for v in d["views"]]) for i in range(6)]
+    with pytest.raises(InputError, match=r"sample S.*does not match its stored digest"):
+        load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
