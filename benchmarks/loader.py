@@ -6,6 +6,10 @@ worker processes. Prints one line per setting and the ratio to the target (2,000
 
     python benchmarks/loader.py results/bundles/B4.h5 results/bundles/C2.h5 --batch 64
 
+``--layouts`` also rewrites the first bundle with other HDF5 layouts (gzip, lzf, one contiguous
+block) and reports the in-process rate and file size of each: the evidence for the bundle's
+layout (uncompressed, one chunk per spot and view).
+
 Each setting first reads the files once (untimed) so the page cache is warm for all of them;
 the figure is then the steady rate of a GPU-bound training loop that never waits on disk.
 """
@@ -46,12 +50,53 @@ def measure(data, workers: int, batch: int, seconds: float, pin: bool) -> float:
         epoch += 1
 
 
+LAYOUTS = {
+    "uncompressed, 1 spot per chunk (the tiler's)": {"chunks": True},
+    "gzip level 1, 1 spot per chunk": {"chunks": True, "compression": "gzip", "compression_opts": 1},
+    "lzf, 1 spot per chunk": {"chunks": True, "compression": "lzf"},
+    "contiguous (no chunks)": {"chunks": None},
+}
+
+
+def compare_layouts(bundle: str, batch: int, seconds: float) -> None:
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, opts in LAYOUTS.items():
+            path = os.path.join(tmp, "layout.h5")
+            shutil.copy(bundle, path)
+            with h5py.File(path, "r+") as f:
+                for v in range(int(f.attrs["n_views"])):
+                    data = f[f"view_{v}"][:]
+                    del f[f"view_{v}"]
+                    if "img" in f and v == 0:
+                        del f["img"]
+                    kw = dict(opts)
+                    if kw.pop("chunks") is True:
+                        kw["chunks"] = (1, *data.shape[1:])
+                    f.create_dataset(f"view_{v}", data=data, **kw)
+            packed = os.path.join(tmp, "packed.h5")  # h5repack-like: drop the freed space
+            with h5py.File(path, "r") as src, h5py.File(packed, "w") as dst:
+                for key in src:
+                    src.copy(key, dst)
+                dst.attrs.update(src.attrs)
+            data = [load_sample(packed, None, None, None, verify=False)]
+            rate = measure(data, 0, batch, seconds, pin=False)
+            print(f"layout {name}: {rate:8.0f} spots/s in-process, "
+                  f"{os.path.getsize(packed) / 2 ** 20:.0f} MiB", flush=True)
+            os.unlink(packed)
+            os.unlink(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundles", nargs="+")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--layouts", action="store_true",
+                        help="also compare HDF5 layouts on the first bundle")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = [load_sample(b, None, None, None, verify=False) for b in args.bundles]
@@ -70,7 +115,10 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.2f}")
     for w in [int(x) for x in args.workers.split(",")]:
         rate = measure(data, w, args.batch, args.seconds, pin=torch.cuda.is_available())
-        print(f"workers={w}: {rate:8.0f} spots/s  ({rate / TARGET:.2f}x the {TARGET:.0f} spots/s target)")
+        print(f"workers={w}: {rate:8.0f} spots/s  ({rate / TARGET:.2f}x the {TARGET:.0f} spots/s target)",
+              flush=True)
+    if args.layouts:
+        compare_layouts(args.bundles[0], args.batch, args.seconds)
 
 
 if __name__ == "__main__":

@@ -437,10 +437,19 @@ class SpotDataset(Dataset):
         row = int(self.data[k].rows[p])
         return np.stack([f[f"view_{v}"][row] for v in self.views])
 
-    def draw(self, i: int) -> tuple[int, bool, bool, np.ndarray]:
-        """The augmentation of item ``i`` this epoch: rot90 count, h-flip, v-flip, jitter."""
+    def _item(self, index) -> tuple[int, int]:
+        """``(epoch, item)`` of a sampler index: an item number (the epoch set by
+        :meth:`set_epoch`) or an ``(epoch, item)`` pair from :class:`EpochSampler`."""
+        if isinstance(index, (tuple, list)):
+            return int(index[0]), int(index[1])
+        return self.epoch, int(index)
+
+    def draw(self, i: int, epoch: int | None = None) -> tuple[int, bool, bool, np.ndarray]:
+        """The augmentation of item ``i`` in ``epoch`` (default: the current one): rot90 count,
+        h-flip, v-flip, jitter."""
         a = self.augment
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed, epoch, int(i)])
         # Always draw every number, so switching one option does not change the others.
         k, hflip, vflip = (int(v) for v in rng.integers(0, 4, 3))
         u = rng.uniform(-1.0, 1.0, 3)
@@ -468,7 +477,7 @@ class SpotDataset(Dataset):
             self._view_sets[(os.getpid(), k)] = cached
         return cached
 
-    def __getitems__(self, indices: Sequence[int]) -> "Batch":
+    def __getitems__(self, indices: Sequence) -> "Batch":
         """A whole batch at once: ``(images (B, V, H, W, 3), targets (B, G), aug (B, 6))``.
 
         Equal to collating :meth:`__getitem__` item by item, but many times faster: the views
@@ -476,7 +485,8 @@ class SpotDataset(Dataset):
         DataLoader worker, so nothing is copied again on the way to the main process), sample
         by sample in file order.
         """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        pairs = [self._item(i) for i in indices]
+        idx = np.array([i for _, i in pairs], dtype=np.int64)
         n, size = len(idx), self.image_size
         images = _batch_buffer((n, len(self.views), size, size, 3))
         out = images.numpy()
@@ -501,23 +511,26 @@ class SpotDataset(Dataset):
             t = self.data[k].targets
             if t is not None:
                 targets[positions] = t[ps[positions]]
-        aug = np.stack([self.aug_vector(int(i)) for i in idx]) if n else np.zeros((0, 6), np.float32)
+        aug = (np.stack([self.aug_vector(i, e) for e, i in pairs]) if n
+               else np.zeros((0, 6), np.float32))
         return Batch((images, torch.from_numpy(targets), torch.from_numpy(aug)))
 
-    def aug_vector(self, i: int) -> np.ndarray:
-        """The float32 (6,) augmentation of item ``i`` this epoch (see the class docstring)."""
+    def aug_vector(self, i: int, epoch: int | None = None) -> np.ndarray:
+        """The float32 (6,) augmentation of item ``i`` in ``epoch`` (see the class docstring)."""
         a = self.augment
         if not (a["flip"] or a["rot90"] or a["brightness"] or a["contrast"] or a["saturation"]):
             return np.array([0, 0, 0, 1, 1, 1], np.float32)
-        k, hflip, vflip, jitter = self.draw(i)
+        k, hflip, vflip, jitter = self.draw(i, epoch)
         return np.concatenate([[k, hflip, vflip], jitter]).astype(np.float32)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, index):
+        epoch, i = self._item(index)
         kk, p = self.index[i]
         t = self.data[kk].targets
         target = (torch.from_numpy(t[p].copy()) if t is not None
                   else torch.zeros(0, dtype=torch.float32))
-        return torch.from_numpy(self.read(i)), target, torch.from_numpy(self.aug_vector(i))
+        return (torch.from_numpy(self.read(i)), target,
+                torch.from_numpy(self.aug_vector(i, epoch)))
 
 
 def _one_raw_chunk_per_row(ds: h5py.Dataset) -> bool:
@@ -629,16 +642,36 @@ def prepare_batch(images: torch.Tensor, device: torch.device,
     return (x - mean) / std
 
 
+class EpochSampler(Sampler):
+    """Yields ``(epoch, item)`` pairs: the items of ``sampler`` with the dataset's epoch, read in
+    the main process when an epoch's iteration starts. The workers then need no copy of the
+    current epoch, so they can stay alive across epochs (starting them anew each epoch cost a
+    third of the loader's throughput on small cohorts) and still draw each epoch's own
+    augmentations."""
+
+    def __init__(self, sampler, dataset: SpotDataset):
+        self.sampler, self.dataset = sampler, dataset
+
+    def __iter__(self):
+        epoch = self.dataset.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int = 0, pin: bool = False,
                 sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
     """A DataLoader with the settings used everywhere (order given by ``sampler`` or fixed).
 
-    Workers are not persistent on purpose: each epoch's workers get a fresh copy of the
-    dataset, hence the epoch set by :meth:`SpotDataset.set_epoch` (persistent workers would keep
-    drawing the augmentations of the first epoch).
+    For a :class:`SpotDataset` the workers persist across epochs: the sampler hands them the
+    epoch with every item (:class:`EpochSampler`), as :meth:`SpotDataset.set_epoch` in the
+    main process says it.
     """
+    spots = isinstance(dataset, SpotDataset)
+    if spots:
+        sampler = EpochSampler(sampler if sampler is not None else range(len(dataset)), dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=int(workers), pin_memory=pin, drop_last=drop_last,
-                      collate_fn=collate,
-                      persistent_workers=False,
+                      collate_fn=collate, persistent_workers=spots and int(workers) > 0,
                       prefetch_factor=4 if workers else None)

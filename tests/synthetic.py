@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import h5py
@@ -180,9 +181,11 @@ def tiny_train_cfg(**overrides) -> dict:
 
 
 def subprocess_env() -> dict:
-    """Environment for child Python processes: the repository importable, one thread."""
+    """Environment for child Python processes: the repository importable, one thread, and this
+    interpreter's bin folder first on PATH (a workflow's rules call ``python``)."""
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(repo), str(repo / "tests"), env.get("PYTHONPATH", "")) if p)
     env["OMP_NUM_THREADS"] = "1"

@@ -246,6 +246,21 @@ def test_changed_counts_rerun_that_sample_and_its_dependents_only(fast_run, tmp_
     assert not {rule for rule, _ in planned} & {"tile", "spots", "prepare_slide", "demo_cohort"}
 
 
+def test_changed_visium_scalefactors_rerun_that_sample_from_its_spot_table(fast_run, tmp_path):
+    """The spot diameter comes from scalefactors_json.json, an input of the spots rule."""
+    wd = copy_workdir(fast_run.workdir, tmp_path / "run")
+    path = wd / "resources/demo/P1_S1/outs/spatial/scalefactors_json.json"
+    factors = json.loads(path.read_text())
+    factors["spot_diameter_fullres"] *= 1.1
+    path.write_text(json.dumps(factors))
+    planned = dry_run(wd)
+    assert job("spots", sample="P1_S1") in planned
+    touched = {dict(wc).get("sample") for rule, wc in planned
+               if rule in ("spots", "prepare_slide", "tile", "expression")}
+    assert touched <= {"P1_S1"}, touched
+    assert job("train", model="m2ost", split="s1") in planned
+
+
 def test_changed_field_of_view_retiles_every_slide_but_keeps_expression(fast_run, tmp_path):
     def change(config):
         config["views"][0]["fov_um"] = 100

@@ -54,6 +54,19 @@ def source_file(sample, role):
     return SAMPLES[sample].expression_files()[role]
 
 
+def spots_inputs(wildcards):
+    """The spot table's sources: the positions, and for Visium the scalefactors beside them
+    (their spot diameter sets the spot size, so a change reruns the stage). A missing
+    scalefactors file is left to the rule, which names it in its one-line error."""
+    inputs = {"positions": source_file(wildcards.sample, "positions")}
+    if SAMPLES[wildcards.sample].format == "visium":
+        # where m2ost.spots.visium_scalefactors_path looks (that module needs numpy/pandas)
+        scalefactors = os.path.join(os.path.dirname(inputs["positions"]), "scalefactors_json.json")
+        if os.path.exists(scalefactors):
+            inputs["scalefactors"] = scalefactors
+    return inputs
+
+
 def readable_slide(wildcards):
     """The slide the tiler reads: converted pyramid for plain images, else the original."""
     if wildcards.sample in PLAIN_SLIDES:

@@ -3,7 +3,7 @@
 
 rule spots:
     input:
-        positions=lambda w: source_file(w.sample, "positions"),
+        unpack(spots_inputs),
     output:
         "results/spots/{sample}.tsv",
     wildcard_constraints:
