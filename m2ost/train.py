@@ -75,12 +75,13 @@ TRAIN_DEFAULTS = {
     "init_head_bias": True,   # start the output bias at the mean training expression
     "eval_batch_size": 0,     # 0 = 2 x batch_size
     "progress": True,         # tqdm bar per epoch (rank 0)
+    "compile": False,         # torch.compile the network for the training steps (GPU)
 }
 # Settings that do not change the optimisation path of the epochs already run: a checkpoint
 # may resume under new values of these (e.g. more patience). ``epochs`` joins them when there is
 # no schedule, since then the first k epochs do not depend on the total (a run can be extended);
 # under the cosine schedule the learning rate of every step depends on it.
-_RESUME_NEUTRAL = ("workers", "device", "progress", "eval_batch_size", "patience")
+_RESUME_NEUTRAL = ("workers", "device", "progress", "eval_batch_size", "patience", "compile")
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_gene_pcc", "lr", "seconds")
 
@@ -428,6 +429,10 @@ def _train(ranks: _Dist, bundles, expressions, genes_file, train_samples, model_
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        # Compiles the training step's forward (and backward) only; checkpoints keep saving
+        # ``model``, whose parameters the compiled module shares.
+        net = torch.compile(net)
 
     ckpt_dir = out_dir / "checkpoints"
     last_file, best_file = ckpt_dir / "last.pt", ckpt_dir / "best.pt"

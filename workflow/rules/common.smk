@@ -56,15 +56,13 @@ def source_file(sample, role):
 
 def spots_inputs(wildcards):
     """The spot table's sources: the positions, and for Visium the scalefactors beside them
-    (their spot diameter sets the spot size, so a change reruns the stage). A missing
-    scalefactors file is left to the rule, which names it in its one-line error."""
-    inputs = {"positions": source_file(wildcards.sample, "positions")}
-    if SAMPLES[wildcards.sample].format == "visium":
-        # where m2ost.spots.visium_scalefactors_path looks (that module needs numpy/pandas)
-        scalefactors = os.path.join(os.path.dirname(inputs["positions"]), "scalefactors_json.json")
-        if os.path.exists(scalefactors):
-            inputs["scalefactors"] = scalefactors
-    return inputs
+    (their spot diameter sets the spot size, so a change reruns the stage)."""
+    files = SAMPLES[wildcards.sample].expression_files()
+    return {role: files[role] for role in ("positions", "scalefactors") if role in files}
+
+
+def scalefactors_arg(wildcards, input):
+    return f"--scalefactors {shlex.quote(input.scalefactors)}" if "scalefactors" in input.keys() else ""
 
 
 def readable_slide(wildcards):

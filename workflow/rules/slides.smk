@@ -11,13 +11,14 @@ rule spots:
     params:
         fmt=lambda w: SAMPLES[w.sample].format,
         flag="" if config["spots"]["in_tissue_only"] else "--keep-off-tissue",
+        scalefactors=scalefactors_arg,
     log:
         "logs/spots/{sample}.log",
     conda:
         "../../envs/slides.yaml"
     shell:
         "python -m m2ost spots --sample {wildcards.sample} --format {params.fmt} --positions {input.positions:q} "
-        "{params.flag} --out {output:q} 2> {log}"
+        "{params.scalefactors} {params.flag} --out {output:q} 2> {log}"
 
 
 rule prepare_slide:
