@@ -28,6 +28,7 @@ import torch
 
 from robustness_helpers import (REPO, check_error_text, cli_in_process, error_line, leftovers, pyramid_slide,
                                 visium_outs)
+from slide_patterns import StainedStrips
 from synthetic import TINY_MODEL, make_sample, subprocess_env, tiny_train_cfg, write_genes
 
 from m2ost import bundle, expression, slide, spots, tiling
@@ -40,23 +41,6 @@ from m2ost.train import read_log
 
 TILE_VIEWS = [{"fov_um": 48, "size_px": 48}, {"fov_um": 96, "size_px": 48}, {"fov_um": 192, "size_px": 48}]
 N_SPOTS = 3600
-
-
-class StainedStrips:
-    """A procedural H&E-coloured slide, cheap to generate: one precomputed strip, shifted per row of tiles."""
-
-    def __init__(self, height: int, width: int):
-        self.height, self.width = height, width
-        x = np.arange(width + 1024, dtype=np.float32)
-        y = np.arange(256, dtype=np.float32)
-        t = 0.5 + 0.5 * np.sin(x / 97)[None, :] * np.cos(y / 41)[:, None]
-        self.strip = np.empty((256, width + 1024, 3), np.uint8)
-        for c, (pink, purple) in enumerate(zip((230, 170, 200), (120, 70, 160))):
-            self.strip[..., c] = purple + (pink - purple) * t
-
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        shift = (y // 256 * 97) % 1024
-        return self.strip[:h, x + shift:x + shift + w]
 
 
 @pytest.fixture(scope="module")

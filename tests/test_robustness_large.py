@@ -48,22 +48,9 @@ def measured(cmd: list, timeout: float = 900) -> dict:
 GENERATE = textwrap.dedent("""
     # Write a procedural H&E-coloured pyramid of HEIGHT x WIDTH px at 0.5 µm/px.
     import sys
-    import numpy as np
+
     from m2ost.pyramid import write_pyramidal_tiff
-
-    class StainedStrips:
-        def __init__(self, height, width):
-            self.height, self.width = height, width
-            x = np.arange(width + 1024, dtype=np.float32)
-            y = np.arange(256, dtype=np.float32)
-            t = 0.5 + 0.5 * np.sin(x / 97)[None, :] * np.cos(y / 41)[:, None]
-            self.strip = np.empty((256, width + 1024, 3), np.uint8)
-            for c, (pink, purple) in enumerate(zip((230, 170, 200), (120, 70, 160))):
-                self.strip[..., c] = purple + (pink - purple) * t
-
-        def read(self, y, x, h, w):
-            shift = (y // 256 * 97) % 1024
-            return self.strip[:h, x + shift:x + shift + w]
+    from slide_patterns import StainedStrips  # tests/ is on PYTHONPATH (subprocess_env)
 
     path, height, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     write_pyramidal_tiff(path, StainedStrips(height, width), 0.5, workers=2)
