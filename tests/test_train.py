@@ -192,27 +192,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(study, tmp_path, monk
     assert len(read_log(tmp_path / "log.csv")) == 1
 
 
-DDP_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import m2ost.train as T
-    args = json.loads(open(sys.argv[1]).read())
-    T.fit_model(**args)
-""")
-
-
 def test_ddp_two_processes_match_one(study, tmp_path):
-    """2 gloo processes with half the batch each follow the single-process run."""
+    """2 gloo processes with half the batch each follow the single-process run. They are
+    launched as the train rule launches them when ``launch.train_processes`` is 2."""
     # 2 x 20 spots, 4 validation spots each: 32 training spots = 4 full batches of 8, so both
     # runs see exactly the same batches (no padding by the sampler, no partial batch).
     cfg = tiny_train_cfg(val_fraction=0.2)
     _run(study, tmp_path / "single", cfg)
-    args = {"kind": "m2ost", "bundles": study["bundles"], "expressions": study["expressions"],
-            "genes_file": study["genes_file"], "train_samples": ["A", "B"],
-            "model_cfg": TINY_MODEL, "train_cfg": cfg, "out_dir": str(tmp_path / "ddp")}
-    (tmp_path / "args.json").write_text(json.dumps(args))
-    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           "--nproc_per_node=2", str(tmp_path / "ddp.py"), str(tmp_path / "args.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "m2ost", "train", "--kind", "m2ost",
+           "--bundle", *[f"{s}={study['bundles'][s]}" for s in ("A", "B")],
+           "--expression", *[f"{s}={study['expressions'][s]}" for s in ("A", "B")],
+           "--genes", str(study["genes_file"]),
+           "--settings", json.dumps({"model": TINY_MODEL, "train": cfg}),
+           "--out-dir", str(tmp_path / "ddp")]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

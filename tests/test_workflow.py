@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from workflow_helpers import (FAST_CONFIG, REPO, copy_workdir, dry_run, find_provenance, job,
-                              job_stats, local_run, parse_dry_run, second_run, workflow_env,
-                              write_config)
+                              job_stats, local_run, parse_dry_run, second_run, snakemake,
+                              workflow_env, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -277,6 +277,18 @@ def test_changed_learning_rate_retrains_the_neural_models_only(fast_run, tmp_pat
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
     assert_plan(planned, model_jobs(NEURAL, SPLITS))
+
+
+def test_two_training_processes_relaunch_the_neural_models_under_torchrun(fast_run, tmp_path):
+    def change(config):
+        config["launch"] = {"train_processes": 2}
+
+    configfile = write_config(tmp_path / "config.yaml", change)
+    assert_plan(dry_run(fast_run.workdir, configfile), model_jobs(NEURAL, SPLITS))
+    printed = snakemake(fast_run.workdir, "-n", "-p", "--configfile", str(configfile)).stdout
+    launched = [line for line in printed.splitlines() if " -m m2ost train " in line]
+    assert launched and all("torch.distributed.run --standalone --nproc_per_node=2 -m m2ost train"
+                            in line for line in launched), launched
 
 
 def test_changed_qc_reruns_expression_but_not_tiling(fast_run, tmp_path):

@@ -135,6 +135,15 @@ def panel_settings():
 NEURAL = ("m2ost", "m2ost_single")
 
 
+def train_launcher(wildcards):
+    """``python``, or torchrun with one process per GPU for the neural models
+    (launch.train_processes); m2ost.train then trains with DistributedDataParallel."""
+    n = config["launch"]["train_processes"]
+    if wildcards.model not in NEURAL or n == 1:
+        return "python"
+    return f"python -m torch.distributed.run --standalone --nproc_per_node={n}"
+
+
 def train_settings(model):
     """Only the settings a model kind uses, so changing one reruns just the models it affects."""
     if model in NEURAL:

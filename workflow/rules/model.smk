@@ -11,6 +11,7 @@ rule train:
         bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
         settings=lambda w: as_json(train_settings(w.model)),
+        launcher=train_launcher,
         out_dir=lambda w, output: os.path.dirname(output[0]),
     threads: 2
     resources:
@@ -23,7 +24,7 @@ rule train:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
+        "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
         "--genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
 
 
