@@ -42,7 +42,9 @@ def rules() -> dict[str, dict]:
         for i, m in enumerate(starts):
             block = text[m.end():starts[i + 1].start() if i + 1 < len(starts) else len(text)]
             conda = re.search(r"^\s*conda:\s*\n\s*[\"']([^\"']+)[\"']", block, re.MULTILINE)
-            command = re.search(r"^\s*shell:\s*\n\s*[\"'](?:[^\"']*?)python -m m2ost ([\w-]+)", block, re.MULTILINE)
+            # ``python``, or the launcher param (python or torchrun: train_launcher in common.smk)
+            command = re.search(r"^\s*shell:\s*\n\s*[\"'](?:[^\"']*?)(?:python|\{params\.launcher\}) -m m2ost ([\w-]+)",
+                                block, re.MULTILINE)
             out[m.group(1)] = {
                 "conda": (path.parent / conda.group(1)).resolve() if conda else None,
                 "command": command.group(1) if command else None,
