@@ -241,9 +241,9 @@ def run_on_slurm(tmp_path_factory) -> WorkflowRun:
         proc = snakemake(
             workdir, "--profile", str(base / "profile"), "--configfile", FAST_CONFIG,
             # No accounting database here: squeue for the status (MinJobAge keeps finished jobs
-            # listed), no account, and a short first poll so the small jobs do not wait 40 s each.
+            # listed), no account, and a 1-s first poll so the small jobs do not wait 40 s each.
             "--slurm-status-command", "squeue", "--slurm-no-account",
-            "--slurm-init-seconds-before-status-checks", "5",
+            "--slurm-init-seconds-before-status-checks", "1",
             timeout=RUN_TIMEOUT, env=workflow_env(), log=base / "snakemake.log")
         seconds = time.monotonic() - start
     except RuntimeError as err:
