@@ -59,33 +59,27 @@ LAYOUTS = {
 
 
 def compare_layouts(bundle: str, batch: int, seconds: float) -> None:
-    import shutil
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, opts in LAYOUTS.items():
             path = os.path.join(tmp, "layout.h5")
-            shutil.copy(bundle, path)
-            with h5py.File(path, "r+") as f:
-                for v in range(int(f.attrs["n_views"])):
-                    data = f[f"view_{v}"][:]
-                    del f[f"view_{v}"]
-                    if "img" in f and v == 0:
-                        del f["img"]
+            with h5py.File(bundle, "r") as src, h5py.File(path, "w") as dst:
+                dst.attrs.update(src.attrs)
+                for key in src:
+                    if not key.startswith("view_"):
+                        if key != "img":  # the hard link to view_0 (HEST layout) is left out
+                            src.copy(key, dst)
+                        continue
+                    data = src[key][:]
                     kw = dict(opts)
                     if kw.pop("chunks") is True:
                         kw["chunks"] = (1, *data.shape[1:])
-                    f.create_dataset(f"view_{v}", data=data, **kw)
-            packed = os.path.join(tmp, "packed.h5")  # h5repack-like: drop the freed space
-            with h5py.File(path, "r") as src, h5py.File(packed, "w") as dst:
-                for key in src:
-                    src.copy(key, dst)
-                dst.attrs.update(src.attrs)
-            data = [load_sample(packed, None, None, None, verify=False)]
+                    dst.create_dataset(key, data=data, **kw)
+            data = [load_sample(path, None, None, None, verify=False)]
             rate = measure(data, 0, batch, seconds, pin=False)
             print(f"layout {name}: {rate:8.0f} spots/s in-process, "
-                  f"{os.path.getsize(packed) / 2 ** 20:.0f} MiB", flush=True)
-            os.unlink(packed)
+                  f"{os.path.getsize(path) / 2 ** 20:.0f} MiB", flush=True)
             os.unlink(path)
 
 

@@ -46,7 +46,7 @@ def spot_digest(views: list[np.ndarray], algorithm: str = DIGEST_ALGORITHM) -> i
         raise ValueError(f"unknown spot digest algorithm {algorithm!r}")
     for v in views:
         h.update(np.ascontiguousarray(v).data)
-    return int.from_bytes(h.digest(), "big" if algorithm == DIGEST_ALGORITHM else "little")
+    return h.intdigest() if algorithm == DIGEST_ALGORITHM else int.from_bytes(h.digest(), "little")
 
 
 def digest_algorithm(f: h5py.File, path=None, sample: str | None = None) -> str:

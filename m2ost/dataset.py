@@ -598,28 +598,25 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 def apply_geometry(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
-    """Rotate and flip each spot of ``x`` (B, V, C, H, W) by its ``aug`` (B, >=3) rot90 count,
-    h-flip, v-flip, in that order (``np.rot90`` over (H, W), then W reversed, then H reversed);
-    every view of a spot gets the same transform. At most 16 distinct transforms: one
-    vectorised op each."""
-    codes = aug[:, :3].round().long().cpu()
-    if not bool(codes.any()):
-        return x
-    out = x.clone()
+    """Rotate and flip each spot of ``x`` (B, V, C, H, W) in place by its ``aug`` (B, >=3, on the
+    host) rot90 count, h-flip, v-flip, in that order (``np.rot90`` over (H, W), then W
+    reversed, then H reversed); every view of a spot gets the same transform. At most 16
+    distinct transforms: one vectorised op each."""
+    codes = aug[:, :3].round().long()
     for code in torch.unique(codes, dim=0).tolist():
         k, hflip, vflip = code
         if not (k % 4 or hflip or vflip):
             continue
         sel = torch.nonzero((codes == torch.tensor(code)).all(dim=1)).flatten().to(x.device)
-        y = x.index_select(0, sel)
+        y = x.index_select(0, sel)  # a copy, so writing back into x is safe
         if k % 4:
             y = torch.rot90(y, k % 4, dims=(-2, -1))
         if hflip:
             y = y.flip(-1)
         if vflip:
             y = y.flip(-2)
-        out.index_copy_(0, sel, y)
-    return out
+        x.index_copy_(0, sel, y)
+    return x
 
 
 def prepare_batch(images: torch.Tensor, device: torch.device,
@@ -628,15 +625,16 @@ def prepare_batch(images: torch.Tensor, device: torch.device,
 
     ``aug``: per-spot augmentation from :class:`SpotDataset`, (B, 6) = rot90 count, h-flip,
     v-flip, brightness, contrast, saturation; or (B, 3) colour factors only; None = none.
+    The transforms to group by are read from ``aug`` where the loader left it (the host), so
+    the device is never waited on for them.
     """
     x = images.to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)
     if aug is not None:
-        aug = aug.to(device, non_blocking=True)
         if aug.shape[-1] == 6:
             x = apply_geometry(x, aug)
             aug = aug[:, 3:]
         if not bool(torch.all(aug == 1)):
-            x = color_jitter(x, aug)
+            x = color_jitter(x, aug.to(device, non_blocking=True))
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
     return (x - mean) / std
