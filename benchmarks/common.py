@@ -5,7 +5,7 @@ Nothing here times anything by itself; the scripts do, and print what they measu
 
 Also here: a generated, tissue-like, gigapixel pyramidal slide and a Visium-density spot grid
 on it (:func:`ensure_slide`, :func:`hex_spots`). The slide is written strip by strip through
-:mod:`m2ost.pyramid`'s ``RegionSource`` interface, so memory stays bounded (a few hundred MB)
+:mod:`m2ost.data.pyramid`'s ``RegionSource`` interface, so memory stays bounded (a few hundred MB)
 whatever its size. The texture is procedural: pink stroma with fibres, purple nuclei of 6 to
 10 µm, pale lumens, optical blur and sensor noise, under a smooth tissue mask that leaves
 about half the glass white. It only has to give JPEG tiles of realistic size and decode cost,
@@ -246,7 +246,7 @@ def hex_spots(source: TissueSource, pitch_um: float = 100.0, margin_px: float = 
 def ensure_slide(path: Path, height: int, width: int, mpp: float, seed: int = 0, quality: int = 90,
                  log=print) -> tuple[TissueSource, dict]:
     """Generate the slide at ``path`` unless a file made with the same parameters is there."""
-    from m2ost.pyramid import write_pyramidal_tiff
+    from m2ost.data.pyramid import write_pyramidal_tiff
 
     source = TissueSource(height, width, mpp, seed)
     params = {"generator": GENERATOR_VERSION, "height": height, "width": width, "mpp": mpp, "seed": seed,

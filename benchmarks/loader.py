@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2ost.dataset import SpotDataset, load_sample, make_loader  # noqa: E402
+from m2ost.learn.dataset import SpotDataset, load_sample, make_loader  # noqa: E402
 
 TARGET = 2000.0
 

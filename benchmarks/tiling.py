@@ -86,7 +86,7 @@ def child_tile(spec: dict) -> dict:
         sys.path.insert(0, spec["package_root"])
         for name in [m for m in sys.modules if m == "m2ost" or m.startswith("m2ost.")]:
             del sys.modules[name]
-    from m2ost import tiling
+    from m2ost.data import tiling
 
     if spec.get("reader") and hasattr(tiling, "READER"):
         tiling.READER = spec["reader"]
@@ -192,7 +192,7 @@ def child_floor(spec: dict) -> dict:
 
     import openslide
 
-    from m2ost import tiling
+    from m2ost.data import tiling
 
     table = _spots_table(spec)
     views = [tiling.View.from_config(v) for v in spec["views"]]
@@ -260,7 +260,7 @@ def combine(runs: list[dict]) -> dict:
 def prepare_her2st(work: Path, data: Path) -> dict:
     import pandas as pd
 
-    from m2ost.pyramid import convert_to_pyramid
+    from m2ost.data.pyramid import convert_to_pyramid
 
     image = data / "her2st" / "images" / "HE" / "B4.jpg"
     positions = data / "her2st" / "spot-selections" / "B4_selection.tsv"
@@ -380,8 +380,8 @@ def components(slide_path: str, work: Path) -> None:
     import openslide
     import tifffile
 
-    from m2ost import tiling
-    from m2ost.bundle import spot_digest
+    from m2ost.data import tiling
+    from m2ost.data.bundle import spot_digest
 
     print("### components (best of 3 repetitions each, this process)")
     # Tiles: the 400 largest (most detailed) tiles of level 1.
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat-large", type=int, default=1, help="rounds on the large slide")
     parser.add_argument("--skip", default="", help="comma-separated: naive, floor, openslide-floor, components")
     parser.add_argument("--reader", choices=["auto", "openslide"], default="auto",
-                        help="the tiler's reader (m2ost.tiling.READER); 'openslide' forces OpenSlide's read_region")
+                        help="the tiler's reader (m2ost.data.tiling.READER); 'openslide' forces OpenSlide's read_region")
     parser.add_argument("--package-root", help="import m2ost for the tiler runs from this folder (an older version)")
     parser.add_argument("--profile", action="store_true", help="also profile a 1-worker tiler run (cProfile)")
     parser.add_argument("--py-spy", action="store_true",

@@ -1,4 +1,5 @@
-"""One exception type for bad input: it names the file, the sample and the problem."""
+"""The errors shown to the user as one line: bad input (naming the file, the sample and the
+problem) and a training that diverged."""
 
 from __future__ import annotations
 
@@ -20,3 +21,7 @@ class InputError(Exception):
             where.append(f"file {self.file}")
         prefix = f"[{', '.join(where)}] " if where else ""
         return f"{prefix}{self.problem}"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

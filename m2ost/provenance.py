@@ -9,7 +9,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
+from m2ost import __version__
 
 _PACKAGES = ("numpy", "h5py", "torch", "openslide-python", "openslide-bin", "scanpy",
              "anndata", "squidpy", "scikit-image", "tifffile", "pillow", "snakemake")

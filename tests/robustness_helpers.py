@@ -92,7 +92,7 @@ def tissue_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def pyramid_slide(path, size: int = 768, mpp: float = 0.5, seed: int = 0) -> Path:
     """A pyramidal JPEG TIFF that OpenSlide reads, with its resolution in the metadata."""
-    from m2ost.pyramid import write_pyramidal_tiff
+    from m2ost.data.pyramid import write_pyramidal_tiff
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def visium_outs(root, n_rows: int = 4, n_cols: int = 6, mpp: float = 0.5, spot_d
     tissue. ``counts`` (spots x genes) and ``matrix_barcodes`` replace those of the matrix;
     ``scalefactors`` False leaves the JSON out, a dict replaces it.
     """
-    from m2ost.demo import _write_10x_h5
+    from m2ost.data.demo import _write_10x_h5
 
     root = Path(root)
     spatial = root / "outs" / "spatial"

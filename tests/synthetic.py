@@ -62,7 +62,7 @@ def write_bundle(path, sample: str, views: list[np.ndarray], coords: np.ndarray,
                  barcodes: list[str], padded: np.ndarray | None = None,
                  fov_um=FOV_UM, mpp: float = 0.5) -> Path:
     """Write a spot bundle in the layout of ``results/bundles/{sample}.h5``."""
-    from m2ost.bundle import DIGEST_ALGORITHM, spot_digest
+    from m2ost.data.bundle import DIGEST_ALGORITHM, spot_digest
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 
 from synthetic import make_sample, panel_genes, write_bundle
 
-from m2ost.dataset import (IMAGENET_MEAN, IMAGENET_STD, SpotDataset, load_sample, load_samples,
+from m2ost.learn.dataset import (IMAGENET_MEAN, IMAGENET_STD, SpotDataset, load_sample, load_samples,
                            make_loader, prepare_batch)
 from m2ost.errors import InputError
 
@@ -195,7 +195,7 @@ def test_prepare_batch_normalises_and_jitters_per_spot():
 
 
 def test_format_1_bundles_with_blake2b_digests_still_verify(tmp_path):
-    from m2ost.bundle import spot_digest
+    from m2ost.data.bundle import spot_digest
 
     d = make_sample(tmp_path, "S", n_spots=6)
     with h5py.File(d["bundle"], "r+") as f:  # as written before xxh3: no attribute, blake2b

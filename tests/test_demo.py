@@ -1,4 +1,4 @@
-"""Tests of m2ost.demo: the synthetic cohort the default workflow runs on."""
+"""Tests of m2ost.data.demo: the synthetic cohort the default workflow runs on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from m2ost.demo import MPP, REGION_TYPES, make_demo_cohort
+from m2ost.data.demo import MPP, REGION_TYPES, make_demo_cohort
 
 openslide = pytest.importorskip("openslide")
 

@@ -209,13 +209,13 @@ def third_party_imports(subcommand: str) -> set[str]:
     """Top-level third-party modules that `python -m m2ost SUBCOMMAND` can import.
 
     Follows, from ``m2ost/__main__.py``, the module-level code of every module reached and the
-    functions and classes that reached code names (directly or as ``module.attribute``);
-    the argument parser names every ``cmd_*`` function, of which only the subcommand's is
-    followed. Imports inside a followed function count as used.
+    functions and classes that reached code names (directly or as ``module.attribute``),
+    starting from the function the parser names for the subcommand (``handler``). Imports
+    inside a followed function count as used.
     """
-    command = subcommand_functions()[subcommand][1]
     external: set[str] = set()
-    todo: list[tuple[str, str | None]] = [(f"{PACKAGE}.__main__", None)]
+    # The parser modules (argparse only), then the function that runs the subcommand.
+    todo: list[tuple[str, str | None]] = [(f"{PACKAGE}.__main__", None), subcommand_functions()[subcommand]]
     seen = set()
     while todo:
         unit = todo.pop()
@@ -248,8 +248,6 @@ def third_party_imports(subcommand: str) -> set[str]:
             for ref in ast.walk(node):
                 if isinstance(ref, ast.Name):
                     ident = ref.id
-                    if ident.startswith("cmd_") and ident != command:
-                        continue
                     if ident in mod.defs and (attr is None or ident != attr):
                         todo.append((name, ident))
                     elif ident in local or ident in mod.bindings:
@@ -257,8 +255,7 @@ def third_party_imports(subcommand: str) -> set[str]:
                 elif isinstance(ref, ast.Attribute) and isinstance(ref.value, ast.Name):
                     target = local.get(ref.value.id) or mod.bindings.get(ref.value.id)
                     if target and target[1] is None:
-                        if not (ref.attr.startswith("cmd_") and ref.attr != command):
-                            todo.append((target[0], ref.attr))
+                        todo.append((target[0], ref.attr))
     return {m for m in external if m not in sys.stdlib_module_names and m != "__future__"}
 
 
@@ -269,8 +266,7 @@ def subcommand_functions() -> dict[str, tuple[str, str]]:
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return {name: (p.get_default("func").__module__, p.get_default("func").__name__)
-            for name, p in sub.choices.items()}
+    return {name: tuple(p.get_default("handler").split(":")) for name, p in sub.choices.items()}
 
 
 @lru_cache(maxsize=1)
@@ -285,8 +281,9 @@ def distribution_of(module: str) -> str:
 
 
 def test_import_scanner_follows_the_cli():
-    assert subcommand_functions()["tile"] == ("m2ost.cli", "cmd_tile")
-    assert subcommand_functions()["train"] == ("m2ost.cli_model", "cmd_train")
+    assert subcommand_functions()["tile"] == ("m2ost.cli.run_slides", "tile")
+    assert subcommand_functions()["train"] == ("m2ost.cli.run_learn", "train")
+    assert "torch" not in third_party_imports("tile") | third_party_imports("summary")
     assert "torch" in third_party_imports("train")
     assert {"scanpy", "squidpy"} <= third_party_imports("panel")
     assert "openslide" in third_party_imports("tile")

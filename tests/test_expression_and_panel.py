@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from m2ost import expression, panel, spots
+from m2ost.data import expression
+from m2ost.data import panel
+from m2ost.data import spots
 from m2ost.errors import InputError
 from realdata import HER2ST, her2st_files, needs_her2st
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from m2ost.errors import InputError
-from m2ost.metrics import gene_pcc, score, spot_pcc
+from m2ost.eval.metrics import gene_pcc, score, spot_pcc
 
 R_HAND = 3 / math.sqrt(2 * 14 / 3)  # x = 1,2,3 vs y = 1,2,4: sum(xc*yc)=3, sxx=2, syy=14/3
 
@@ -99,8 +99,9 @@ def test_shape_mismatch_is_an_error():
 def test_evaluate_mean_baseline_writes_files(study, tmp_path):
     from synthetic import tiny_train_cfg
 
-    from m2ost.evaluate import aggregate, evaluate
-    from m2ost.train import fit_model
+    from m2ost.eval.summary import aggregate
+    from m2ost.learn.evaluate import evaluate
+    from m2ost.learn.train import fit_model
 
     fit_model("mean", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"],
               None, tiny_train_cfg(), tmp_path / "mean")
@@ -128,7 +129,7 @@ def test_evaluate_mean_baseline_writes_files(study, tmp_path):
 
 
 def test_aggregate_rows_and_model_means(tmp_path):
-    from m2ost.evaluate import SUMMARY_METRICS, aggregate
+    from m2ost.eval.summary import SUMMARY_METRICS, aggregate
 
     files = []
     for model, split, pcc in [("m2ost", "s1", 0.2), ("m2ost", "s2", 0.4), ("ridge", "s1", 0.1)]:

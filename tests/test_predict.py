@@ -11,8 +11,8 @@ import pytest
 from realdata import SVS, needs_svs
 from synthetic import FOV_UM, TINY_MODEL, tiny_train_cfg
 
-from m2ost.predict import predict_slide
-from m2ost.train import fit_model
+from m2ost.learn.predict import predict_slide
+from m2ost.learn.train import fit_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of m2ost.pyramid: pyramidal TIFFs that OpenSlide reads as multi-level slides."""
+"""Tests of m2ost.data.pyramid: pyramidal TIFFs that OpenSlide reads as multi-level slides."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 openslide = pytest.importorskip("openslide")
 
 from m2ost.errors import InputError  # noqa: E402
-from m2ost.pyramid import (  # noqa: E402
+from m2ost.data.pyramid import (  # noqa: E402
     convert_to_pyramid,
     pyramid_shapes,
     read_plain_image,

@@ -26,9 +26,10 @@ from robustness_helpers import (REPO, assert_cli_error, check_error_text, cli_in
                                 spots_table_for, tissue_image, visium_outs, write_raw_10x_h5)
 from synthetic import TINY_MODEL, make_sample, tiny_train_cfg, write_bundle, write_genes
 
-from m2ost import expression, spots
+from m2ost.data import expression
+from m2ost.data import spots
 from m2ost.errors import InputError
-from m2ost.samplesheet import read_sample_sheet
+from m2ost.plan.samplesheet import read_sample_sheet
 
 VIEWS = json.dumps({"views": [{"fov_um": 32, "size_px": 16}, {"fov_um": 64, "size_px": 16}]})
 
@@ -61,7 +62,8 @@ def test_truncated_jpeg(tmp_path):
 
 def test_tiff_without_resolution_and_too_few_spots(tmp_path):
     """No resolution tags, no mpp in the sheet, and 3 spots: the grid cannot give the resolution."""
-    from m2ost.slide import plain_image_mpp, slide_needs_conversion
+    from m2ost.data.slide import plain_image_mpp
+    from m2ost.plan.formats import slide_needs_conversion
 
     src = tmp_path / "he.tif"
     tifffile.imwrite(src, tissue_image(300, 300))  # stripped, no resolution unit
@@ -158,7 +160,8 @@ def test_corrupt_or_missing_slide_on_the_command_line(tmp_path, capsys, kind):
 
 def test_spots_partly_outside_the_slide_are_flagged_and_counted(tmp_path, caplog):
     """Not an error: views past the edge are padded white, flagged per view, and the count is logged."""
-    from m2ost import bundle, tiling
+    from m2ost.data import bundle
+    from m2ost.data import tiling
 
     slide = pyramid_slide(tmp_path / "he.tif", size=512)
     table = spots_table_for(["in1", "in2", "out1"], [200, 300, 900], [200, 300, 250])
@@ -234,7 +237,7 @@ def test_visium_damaged_scalefactors(tmp_path, content, problem):
 def test_visium_scalefactors_disagreeing_with_the_grid_warn(tmp_path, caplog):
     """spot_diameter_fullres implying 0.8 µm/px on a grid laid out at 0.5 µm/px: a warning with both values."""
     v = visium_outs(tmp_path / "V4", mpp=0.5, scalefactors={"spot_diameter_fullres": 55.0 / 0.8})
-    with caplog.at_level(logging.INFO, logger="m2ost.spots"):
+    with caplog.at_level(logging.INFO, logger="m2ost.data.spots"):
         table = spots.read_positions("visium", v["positions"], "V4")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -243,7 +246,7 @@ def test_visium_scalefactors_disagreeing_with_the_grid_warn(tmp_path, caplog):
     assert len(table) == len(v["barcodes"])  # a warning only: the tiler uses the slide's own resolution
     caplog.clear()
     agree = visium_outs(tmp_path / "V5", mpp=0.5)
-    with caplog.at_level(logging.INFO, logger="m2ost.spots"):
+    with caplog.at_level(logging.INFO, logger="m2ost.data.spots"):
         spots.read_positions("visium", agree["positions"], "V5")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "0.5000 µm/px from spot_diameter_fullres" in caplog.text
@@ -404,7 +407,7 @@ def test_bundle_whose_views_disagree_in_spot_count(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def mean_model(study, tmp_path_factory):
-    from m2ost.train import fit_model
+    from m2ost.learn.train import fit_model
 
     out = tmp_path_factory.mktemp("mean")
     fit_model("mean", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"], None,
@@ -438,7 +441,7 @@ def test_model_trained_on_other_fields_of_view(mean_model, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def network_run(study, tmp_path_factory):
     """A finished one-epoch run of the tiny network (its checkpoints are reused)."""
-    from m2ost.train import fit_model
+    from m2ost.learn.train import fit_model
 
     out = tmp_path_factory.mktemp("net")
     fit_model("m2ost", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"], TINY_MODEL,

@@ -31,9 +31,13 @@ from robustness_helpers import (REPO, check_error_text, cli_in_process, error_li
 from slide_patterns import StainedStrips
 from synthetic import TINY_MODEL, make_sample, subprocess_env, tiny_train_cfg, write_genes
 
-from m2ost import bundle, expression, slide, spots, tiling
+from m2ost.data import bundle
+from m2ost.data import expression
+from m2ost.data import slide
+from m2ost.data import spots
+from m2ost.data import tiling
 from m2ost.errors import InputError
-from m2ost.train import read_log
+from m2ost.learn.train import read_log
 
 # =============================================================================================
 # Tiling killed half-way
@@ -46,7 +50,7 @@ N_SPOTS = 3600
 @pytest.fixture(scope="module")
 def big_slide(tmp_path_factory):
     """An 8192 x 8192 px pyramid (0.5 µm/px) and 3600 spots over it: tiling takes a few seconds."""
-    from m2ost.pyramid import write_pyramidal_tiff
+    from m2ost.data.pyramid import write_pyramidal_tiff
 
     root = tmp_path_factory.mktemp("bigslide")
     path = root / "big.tif"
@@ -124,7 +128,7 @@ KILL_AT = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    import m2ost.train as T
+    import m2ost.learn.train as T
     args, target, per_epoch, marker = json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]), \\
         int(sys.argv[3]), Path(sys.argv[4])
     last = Path(args["out_dir"]) / "checkpoints" / "last.pt"

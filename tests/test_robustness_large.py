@@ -49,7 +49,7 @@ GENERATE = textwrap.dedent("""
     # Write a procedural H&E-coloured pyramid of HEIGHT x WIDTH px at 0.5 µm/px.
     import sys
 
-    from m2ost.pyramid import write_pyramidal_tiff
+    from m2ost.data.pyramid import write_pyramidal_tiff
     from slide_patterns import StainedStrips  # tests/ is on PYTHONPATH (subprocess_env)
 
     path, height, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -83,7 +83,7 @@ def test_tiling_a_gigapixel_slide_stays_under_1_gib(tmp_path):
                      "--no-progress", "--out", out])
     assert tile["status"] == 0, tile["stderr"]
     assert tile["peak_bytes"] < GIB, f"tiling peaked at {tile['peak_bytes'] / GIB:.2f} GiB"
-    from m2ost.bundle import verify_bundle
+    from m2ost.data.bundle import verify_bundle
 
     meta = verify_bundle(out, "giga")
     assert meta["n_spots"] == 400 and list(meta["levels"]) == [0, 1, 2]
@@ -172,7 +172,7 @@ def _cohort(root: Path) -> Path:
     """50 Visium-style samples of 10 patients: 640-px slides at 2 µm/px, 25 spots each; S50's tiles damaged."""
     from robustness_helpers import tissue_image
 
-    from m2ost.pyramid import write_pyramidal_tiff
+    from m2ost.data.pyramid import write_pyramidal_tiff
 
     data = root / "data"
     rows = []
@@ -212,8 +212,8 @@ def test_cohort_of_50_slides_with_one_broken_keeps_going(tmp_path):
     assert log.strip().splitlines()[-1].startswith(reason) and "Traceback" not in log
     assert reason in report  # --show-failed-logs: the user sees it in Snakemake's own output
 
-    from m2ost.bundle import verify_bundle
-    from m2ost.expression import read_expression
+    from m2ost.data.bundle import verify_bundle
+    from m2ost.data.expression import read_expression
 
     bundles = tmp_path / "results" / "bundles"
     assert leftovers(bundles) == sorted(f"{s}.h5" for s in samples if s != BROKEN)

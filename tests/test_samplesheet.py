@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from m2ost.errors import InputError
-from m2ost.samplesheet import read_sample_sheet
+from m2ost.plan.samplesheet import read_sample_sheet
 
 HEADER = "sample\tpatient\tslide\tformat\tcounts\tpositions\tmpp\n"
 

@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from m2ost import bundle, slide, spots, tiling
+from m2ost.data import bundle
+from m2ost.data import slide
+from m2ost.data import spots
+from m2ost.data import tiling
 from m2ost.errors import InputError
 from realdata import HER2ST_SECTIONS, SVS, her2st_files, needs_her2st, needs_svs
 
@@ -123,7 +126,7 @@ def test_level_choice_never_upsamples():
 
 
 def _synthetic_slide(tmp_path, size=1536, mpp=0.5):
-    from m2ost.pyramid import write_pyramidal_tiff
+    from m2ost.data.pyramid import write_pyramidal_tiff
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size]

@@ -18,10 +18,11 @@ import torch
 
 from synthetic import TINY_MODEL, subprocess_env, tiny_train_cfg
 
-import m2ost.train as T
-from m2ost.device import resolve_device
+import m2ost.learn.train as T
+from m2ost.learn.device import resolve_device
 from m2ost.errors import InputError
-from m2ost.train import TrainingDiverged, fit_model, load_model, read_log, train
+from m2ost.errors import TrainingDiverged
+from m2ost.learn.train import fit_model, load_model, read_log, train
 
 
 def _run(study, out, cfg=None, model_cfg=TINY_MODEL, samples=("A", "B"), kind="m2ost"):
@@ -112,7 +113,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import torch
     torch.set_num_threads(1)
-    import m2ost.train as T
+    import m2ost.learn.train as T
     save = T._save
     def slow(obj, path):
         save(obj, path)
@@ -254,7 +255,7 @@ def test_baselines_fit_and_predict(study, tmp_path):
     rows = read_log(tmp_path / "ridge" / "log.csv")
     assert len(rows) == len(T.BASELINES["ridge"]().alphas)
     assert sum(r["chosen"] == "True" for r in rows) == 1
-    from m2ost.dataset import SpotDataset, load_samples
+    from m2ost.learn.dataset import SpotDataset, load_samples
 
     for kind in ("ridge", "mean"):
         p = load_model(tmp_path / kind / "model.pt", "cpu")
@@ -265,7 +266,8 @@ def test_baselines_fit_and_predict(study, tmp_path):
 
 
 def test_evaluate_network_and_predict_bundle(ref, study, tmp_path):
-    from m2ost.evaluate import evaluate, predict_bundle
+    from m2ost.learn.evaluate import evaluate
+    from m2ost.learn.predict import predict_bundle
 
     res = evaluate(ref[0] / "model.pt", study["bundles"], study["expressions"], ["C"],
                    tmp_path / "eval", model_name="m2ost-tiny", split="loso-C", device="cpu",

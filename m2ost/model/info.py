@@ -1,4 +1,4 @@
-"""Print the size and cost of every model variant: ``python -m m2ost.model.info``."""
+"""Print the size and cost of every model variant: ``m2ost model-info``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,9 @@ from .flops import count_flops, count_parameters
 from .variants import VARIANTS, build_model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--views", type=int, default=3)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--genes", type=int, default=250)
-    args = parser.parse_args(argv)
-
+def print_variants(views: int = 3, img_size: int = 224, genes: int = 250) -> None:
+    """One line per variant: sizes, parameters, multiply-accumulates, tokens per view."""
+    args = argparse.Namespace(views=views, img_size=img_size, genes=genes)
     print(f"{args.views} views of {args.img_size} px, {args.genes} genes; "
           "GMACs = multiply-accumulates of one forward pass of one spot")
     header = (f"{'variant':8s} {'depth':>5s} {'dim':>5s} {'heads':>5s} {'mlp':>5s} {'patch':>5s} "
@@ -35,4 +31,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--views", type=int, default=3)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--genes", type=int, default=250)
+    a = parser.parse_args()
+    print_variants(a.views, a.img_size, a.genes)

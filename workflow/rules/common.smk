@@ -10,9 +10,9 @@ REPO = Path(workflow.basedir).resolve()
 # not installed (as under --use-conda).
 sys.path.insert(0, str(REPO))
 
-from m2ost.samplesheet import read_sample_sheet
-from m2ost.slide import slide_needs_conversion
-from m2ost.splits import make_splits
+from m2ost.plan.samplesheet import read_sample_sheet
+from m2ost.plan.formats import slide_needs_conversion
+from m2ost.plan.splits import make_splits
 
 
 # Every shell command sees the repository's package, installed or not (as under --use-conda).
@@ -137,7 +137,7 @@ NEURAL = ("m2ost", "m2ost_single")
 
 def train_launcher(wildcards):
     """``python``, or torchrun with one process per GPU for the neural models
-    (launch.train_processes); m2ost.train then trains with DistributedDataParallel."""
+    (launch.train_processes); m2ost.learn.train then trains with DistributedDataParallel."""
     n = config["launch"]["train_processes"]
     if wildcards.model not in NEURAL or n == 1:
         return "python"

@@ -15,4 +15,4 @@ if config["demo"]["enabled"]:
         conda:
             "../../envs/slides.yaml"
         shell:
-            "python -m m2ost demo --out {params.out:q} --seed {params.seed} --settings {params.settings:q} 2> {log}"
+            "python -m m2ost demo-cohort --out {params.out:q} --seed {params.seed} --settings {params.settings:q} 2> {log}"

@@ -74,9 +74,9 @@ rule summary:
     log:
         "logs/summary/summary.log",
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/expression.yaml"
     shell:
-        "python -m m2ost summarize {input:q} --out {output:q} 2> {log}"
+        "python -m m2ost summary {input:q} --out {output:q} 2> {log}"
 
 
 rule grid_spots:
@@ -91,9 +91,9 @@ rule grid_spots:
     log:
         "logs/grid_spots/{sample}.log",
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/slides.yaml"
     shell:
-        "python -m m2ost grid --sample {wildcards.sample} --slide-info {input.info:q} --settings {params.settings:q} "
+        "python -m m2ost grid-spots --sample {wildcards.sample} --slide-info {input.info:q} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"
 
 
@@ -119,7 +119,7 @@ rule predict:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m m2ost predict-bundle --model {input.model:q} --bundle {input.bundle:q} --sample {wildcards.sample} "
+        "python -m m2ost predict --model {input.model:q} --bundle {input.bundle:q} --sample {wildcards.sample} "
         "--settings {params.settings:q} --out {output.h5ad:q} --png {output.png:q} 2> {log}"
 
 

@@ -59,7 +59,7 @@ rule convert_slide:
     conda:
         "../../envs/slides.yaml"
     shell:
-        "python -m m2ost prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
+        "python -m m2ost convert-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--converted {output.pyramid:q} --settings {params.settings:q} --out {output.info:q} 2> {log}"
 
 

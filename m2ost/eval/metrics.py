@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 MIN_SPOTS = 3
 TOP_K = 50

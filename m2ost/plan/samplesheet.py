@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 FORMATS = ("visium", "legacy_st", "h5ad")
 REQUIRED_COLUMNS = ("sample", "patient", "slide")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,11 @@ def _decode(values) -> np.ndarray:
 def read_bundle_info(bundle: str | os.PathLike, sample: str | None = None) -> dict:
     """The attributes of a spot bundle that matter to a model: views, sizes, fields of view.
 
-    The bundle's datasets are first checked for consistency (:func:`m2ost.bundle.read_meta`:
+    The bundle's datasets are first checked for consistency (:func:`m2ost.data.bundle.read_meta`:
     every view and per-spot dataset present, with one row per spot), so a truncated or edited
     bundle is refused here, naming the file to regenerate.
     """
-    from .bundle import read_meta
+    from m2ost.data.bundle import read_meta
 
     read_meta(bundle, sample)
     try:
@@ -120,7 +120,7 @@ def verify_rows(bundle: str | os.PathLike, rows: np.ndarray, sample: str | None 
     Reads every view of those rows once (one pass, ``block`` rows at a time). Raises InputError
     naming the bundle, the first spot that differs, and what to do (rerun tiling).
     """
-    from .bundle import digest_algorithm, spot_digest
+    from m2ost.data.bundle import digest_algorithm, spot_digest
 
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     try:
@@ -219,7 +219,7 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
 
 
 def _read_targets(expression, genes, barcodes, sample) -> tuple[np.ndarray, np.ndarray]:
-    from .expression import read_expression  # anndata is heavy; import only when needed
+    from m2ost.data.expression import read_expression  # anndata is heavy; import only when needed
 
     adata = read_expression(expression, sample)
     rows = np.asarray(adata.obs["bundle_row"], dtype=np.int64)

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def check_spots(table: pd.DataFrame, file, sample) -> pd.DataFrame:
 
 
 def write_spots(table: pd.DataFrame, path) -> None:
-    from .atomic import atomic_path
+    from m2ost.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         table[COLUMNS].to_csv(tmp, sep="\t", index=False, float_format="%.3f")

@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def read_gene_list(path, sample: str | None = None) -> list[str]:
 
 
 def _load(paths: dict[str, str]):
-    from .expression import read_expression
+    from m2ost.data.expression import read_expression
 
     return {s: read_expression(p, s) for s, p in paths.items()}
 
@@ -126,7 +126,7 @@ def _moran_scores(adatas: dict, train: list[str], genes: list[str]) -> np.ndarra
 
 
 def write_panel(genes: list[str], path) -> None:
-    from .atomic import atomic_path
+    from m2ost.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(genes) + "\n")

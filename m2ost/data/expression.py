@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
     """
     import scanpy as sc
 
-    from .atomic import atomic_path
+    from m2ost.atomic import atomic_path
 
     if fmt not in READERS:
         raise _counts_error(f"unknown expression format {fmt!r}", counts_path, sample)

@@ -1,8 +1,4 @@
-"""Slides: open them with OpenSlide, resolve their resolution, convert plain images.
-
-``slide_needs_conversion`` uses the standard library only (the Snakefile calls it while
-planning); everything else imports OpenSlide lazily.
-"""
+"""Slides: open them with OpenSlide, resolve their resolution, convert plain images."""
 
 from __future__ import annotations
 
@@ -12,52 +8,10 @@ import os
 import struct
 from pathlib import Path
 
-from .errors import InputError
+from m2ost.errors import InputError
+from m2ost.plan.formats import TIFF_EXTENSIONS
 
 log = logging.getLogger(__name__)
-
-PLAIN_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
-TIFF_EXTENSIONS = {".tif", ".tiff"}
-
-
-def _tiff_first_ifd_is_tiled(path: str) -> bool:
-    """True when the first image of a (Big)TIFF is tiled, which OpenSlide's generic TIFF reader needs."""
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-        if len(head) < 8 or head[:2] not in (b"II", b"MM"):
-            return False
-        end = "<" if head[:2] == b"II" else ">"
-        magic = struct.unpack(end + "H", head[2:4])[0]
-        if magic == 42:
-            fh.seek(struct.unpack(end + "I", head[4:8])[0])
-            n = struct.unpack(end + "H", fh.read(2))[0]
-            entries, size = fh.read(12 * n), 12
-        elif magic == 43:
-            fh.seek(struct.unpack(end + "Q", head[8:16])[0])
-            n = struct.unpack(end + "Q", fh.read(8))[0]
-            entries, size = fh.read(20 * n), 20
-        else:
-            return False
-    tags = {struct.unpack(end + "H", entries[i:i + 2])[0] for i in range(0, len(entries) - size + 1, size)}
-    return 322 in tags  # TileWidth
-
-
-def slide_needs_conversion(path: str) -> bool:
-    """Whether a slide must be converted to a pyramidal TIFF before OpenSlide can read it.
-
-    Plain JPEG/PNG/BMP always; a TIFF when it is stripped rather than tiled (a missing file
-    is left to the later stages, which report it). Vendor formats are read in place.
-    """
-    ext = Path(path).suffix.lower()
-    if ext in PLAIN_EXTENSIONS:
-        return True
-    if ext in TIFF_EXTENSIONS and os.path.isfile(path):
-        try:
-            return not _tiff_first_ifd_is_tiled(path)
-        except (OSError, struct.error):
-            return False
-    return False
-
 
 def open_slide(path, sample: str | None = None):
     """Open a slide with OpenSlide, or raise InputError naming the file and the problem."""
@@ -118,7 +72,7 @@ def resolve_mpp(sample: str, metadata: float | None, sheet: float | None, spots=
 
     Returns (mpp, source) where source says where it came from; it is logged and stored.
     """
-    from .spots import estimate_mpp_from_grid
+    from m2ost.data.spots import estimate_mpp_from_grid
 
     if sheet:
         if metadata and abs(sheet - metadata) / metadata > 0.05:
@@ -151,14 +105,14 @@ def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, she
     With ``converted_path`` the slide is a plain image and is written there as a pyramidal
     TIFF carrying the resolution. The JSON names the slide the later stages read.
     """
-    from .atomic import atomic_path
-    from .spots import read_spots
+    from m2ost.atomic import atomic_path
+    from m2ost.data.spots import read_spots
 
     spots = read_spots(spots_tsv, sample) if spots_tsv else None
     if not os.path.isfile(slide_path):
         raise InputError("slide not found", file=slide_path, sample=sample)
     if converted_path:
-        from .pyramid import convert_to_pyramid
+        from m2ost.data.pyramid import convert_to_pyramid
 
         mpp, source = resolve_mpp(sample, plain_image_mpp(slide_path), sheet_mpp, spots, fmt, slide_path)
         log.info("%s: converting %s to a pyramidal TIFF at %.4f µm/px (%s)", sample, slide_path, mpp, source)

@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import torch
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

@@ -26,8 +26,8 @@ import h5py
 import numpy as np
 import xxhash
 
-from .atomic import atomic_path
-from .errors import InputError
+from m2ost.atomic import atomic_path
+from m2ost.errors import InputError
 
 FORMAT_VERSION = 2
 # xxh3 hashes at memory speed (about 25x blake2b, which took a third of the tiling time);

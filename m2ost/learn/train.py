@@ -40,16 +40,16 @@ import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
-from .baselines import BASELINES
-from .dataset import (NORMALISATION, SpotDataset, load_samples, make_loader, prepare_batch)
-from .device import (autocast, derive_seed, pin_memory, resolve_device, rng_state,
+from m2ost.atomic import atomic_path
+from m2ost.learn.baselines import BASELINES
+from m2ost.learn.dataset import (NORMALISATION, SpotDataset, load_samples, make_loader, prepare_batch)
+from m2ost.learn.device import (autocast, derive_seed, pin_memory, resolve_device, rng_state,
                      seed_everything, set_rng_state)
-from .errors import InputError
-from .metrics import mean_gene_pcc
-from .panel import read_gene_list
-from .provenance import provenance
-from .splits import validation_spots
+from m2ost.errors import InputError, TrainingDiverged
+from m2ost.eval.metrics import mean_gene_pcc
+from m2ost.data.panel import read_gene_list
+from m2ost.provenance import provenance
+from m2ost.learn.validation import validation_spots
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,6 @@ TRAIN_DEFAULTS = {
 _RESUME_NEUTRAL = ("workers", "device", "progress", "eval_batch_size", "patience", "compile")
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_gene_pcc", "lr", "seconds")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 def train_settings(train_cfg: Mapping | None) -> dict:
@@ -338,7 +334,7 @@ def _init_head_bias(model: torch.nn.Module, mean: np.ndarray) -> None:
 
 
 def _build(model_cfg: Mapping, n_genes: int, n_views: int, img_size: int) -> torch.nn.Module:
-    from .model import build_model
+    from m2ost.model import build_model
 
     try:
         return build_model(dict(model_cfg), n_genes, n_views, img_size)

@@ -1,6 +1,6 @@
-"""Train/test splits over samples, and validation spots drawn from the training samples.
+"""Train/test splits over samples (standard library only: the Snakefile calls it while planning).
 
-Split construction uses the standard library only: the Snakefile calls it while planning.
+Validation spots, drawn inside the training samples, are in :mod:`m2ost.learn.validation`.
 
 A split holds out whole samples (slides). Three schemes:
 
@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -162,41 +162,3 @@ def make_splits(scheme: str, patients: Mapping[str, str | None],
             raise InputError("split scheme 'explicit' needs the splits listed in the config")
         return explicit(spec, patients, with_expression)
     raise InputError(f"split scheme '{scheme}' is not one of loso, lopo, explicit")
-
-
-def validation_spots(n_spots: Mapping[str, int], val_fraction: float,
-                     seed: int) -> dict:
-    """Draw validation spots inside each *training* sample.
-
-    Parameters
-    ----------
-    n_spots
-        training sample -> number of usable spots. Held-out samples must not be passed: the
-        validation set is used to pick the epoch, so it may never touch a test sample.
-    val_fraction
-        Fraction of each sample's spots kept for validation, in [0, 1). Each sample with at
-        least 2 spots gives at least one validation spot when the fraction is positive.
-    seed
-        The draw depends only on (seed, sample name), not on the other samples.
-
-    Returns
-    -------
-    dict
-        sample -> (train positions, validation positions), sorted positions into that sample's
-        spot list.
-    """
-    import numpy as np  # imported here: the Snakefile plans splits with the standard library only
-
-    from .device import derive_seed
-
-    if not 0.0 <= val_fraction < 1.0:
-        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    out = {}
-    for sample, n in n_spots.items():
-        n_val = int(round(val_fraction * n))
-        if val_fraction > 0 and n >= 2:
-            n_val = min(max(n_val, 1), n - 1)
-        rng = np.random.default_rng(derive_seed(seed, "validation", sample))
-        perm = rng.permutation(n)
-        out[sample] = (np.sort(perm[n_val:]), np.sort(perm[:n_val]))
-    return out

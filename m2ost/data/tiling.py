@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def _spot_chunks(slide_path: str, xy: np.ndarray, plans: list[ReadPlan], order: 
     Yields ``(spot indices, [view arrays], padded, tissue fraction, digests)``; the view
     arrays come from ``buffers(n)`` when given, else are new.
     """
-    from .bundle import spot_digest
+    from m2ost.data.bundle import spot_digest
 
     reader = open_reader(slide_path, [p.level for p in plans])
     direct = isinstance(reader, TiffTileReader)
@@ -548,8 +548,8 @@ def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], ou
     import openslide
     from tqdm import tqdm
 
-    from .bundle import BundleWriter
-    from .slide import open_slide
+    from m2ost.data.bundle import BundleWriter
+    from m2ost.data.slide import open_slide
 
     with open_slide(slide_path, sample) as slide:
         dims = slide.dimensions

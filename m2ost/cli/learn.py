@@ -1,0 +1,55 @@
+"""Parsers of the model subcommands (torch environment)."""
+
+from __future__ import annotations
+
+from m2ost.cli.options import add_command
+
+RUN = "m2ost.cli.run_learn"
+KINDS = ["m2ost", "m2ost_single", "ridge", "mean"]
+
+
+def add_parsers(sub) -> None:
+    p = add_command(sub, "train", f"{RUN}:train", "fit a model (m2ost, m2ost_single, ridge, mean) on training samples")
+    p.add_argument("--kind", required=True, choices=KINDS, help="model kind")
+    p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the training samples")
+    p.add_argument("--expression", nargs="+", required=True, metavar="SAMPLE=H5AD",
+                   help="expression of the training samples")
+    p.add_argument("--genes", required=True, help="gene panel file")
+    p.add_argument("--settings", help='JSON: {"model": {...}, "train": {...}} (default: the workflow\'s)')
+    p.add_argument("--out-dir", required=True, help="folder of model.pt, log.csv and checkpoints")
+
+    p = add_command(sub, "evaluate", f"{RUN}:evaluate", "score a model on held-out samples (per-gene Pearson first)")
+    p.add_argument("--model", required=True, help="model.pt")
+    p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the held-out samples")
+    p.add_argument("--expression", nargs="+", required=True, metavar="SAMPLE=H5AD",
+                   help="expression of the held-out samples")
+    p.add_argument("--name", help="model name in the summary (default: the model kind)")
+    p.add_argument("--split", help="split name in the summary")
+    p.add_argument("--settings", help="JSON: device, batch_size, workers")
+    p.add_argument("--out-dir", required=True, help="folder of summary.json, per_gene/, figures/, predictions.h5ad")
+
+    p = add_command(sub, "predict", f"{RUN}:predict", "predict every spot of a bundle (an H&E-only slide)")
+    p.add_argument("--model", required=True, help="model.pt")
+    p.add_argument("--bundle", required=True, help="bundle of the slide")
+    p.add_argument("--sample", required=True, help="sample name")
+    p.add_argument("--settings", help="JSON: device, batch_size")
+    p.add_argument("--png", help="also draw maps of the most variable predicted genes")
+    p.add_argument("--out", required=True, help="predictions (h5ad)")
+
+    p = add_command(sub, "predict-slide", f"{RUN}:predict_slide",
+                    "predict expression maps for any slide in one call (prepare, grid, tile, predict, map)")
+    p.add_argument("--slide", required=True, help="the H&E slide")
+    p.add_argument("--model", required=True, help="model.pt from the training stage")
+    p.add_argument("--sample", help="name used for the outputs (default: the file name)")
+    p.add_argument("--mpp", type=float, help="µm per pixel when the slide has no resolution metadata")
+    p.add_argument("--spacing-um", type=float, default=100.0, help="spot grid spacing, µm")
+    p.add_argument("--min-tissue-fraction", type=float, default=0.25, help="tissue needed under a grid spot")
+    p.add_argument("--batch-size", type=int, default=64, help="spots per inference batch")
+    p.add_argument("--workers", type=int, default=1, help="tiling processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out-dir", required=True, help="folder of {sample}.h5ad, {sample}.png and work/")
+
+    p = add_command(sub, "model-info", f"{RUN}:model_info", "parameters and FLOPs of every model variant")
+    p.add_argument("--views", type=int, default=3, help="number of views")
+    p.add_argument("--img-size", type=int, default=224, help="view size, px")
+    p.add_argument("--genes", type=int, default=250, help="panel size")

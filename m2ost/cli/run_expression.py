@@ -1,0 +1,35 @@
+"""What the subcommands of the expression environment run."""
+
+from __future__ import annotations
+
+import logging
+
+from m2ost.cli.options import parse_pairs, parse_settings
+from m2ost.data.expression import build_expression
+from m2ost.data.panel import select_panel, write_panel
+from m2ost.data.spots import read_spots
+from m2ost.eval.summary import aggregate
+from m2ost.provenance import provenance
+
+log = logging.getLogger("m2ost")
+
+
+def expression(args) -> None:
+    settings = parse_settings(args.settings)
+    build_expression(args.sample, args.format, args.counts, read_spots(args.spots, args.sample), args.out,
+                     min_counts=settings.get("min_counts", 100), target_sum=settings.get("target_sum", 1e4),
+                     provenance=provenance(settings))
+
+
+def panel(args) -> None:
+    settings = parse_settings(args.settings)
+    genes = select_panel(settings.get("method", "top_mean"), int(settings.get("n_genes", 50)),
+                         parse_pairs(args.train, "--train"), parse_pairs(args.other, "--other"),
+                         list_file=settings.get("list_file") or None,
+                         min_spot_fraction=settings.get("min_spot_fraction", 0.1))
+    write_panel(genes, args.out)
+
+
+def summary(args) -> None:
+    table = aggregate(args.summaries, args.out)
+    log.info("\n%s", table.to_string(index=False))

@@ -1,0 +1,48 @@
+"""What the model subcommands run (torch)."""
+
+from __future__ import annotations
+
+import logging
+
+from m2ost.cli.options import parse_pairs, parse_settings
+from m2ost.eval.figures import plot_prediction_maps
+from m2ost.learn.evaluate import evaluate as evaluate_model
+from m2ost.learn.predict import predict_bundle, predict_slide as predict_one_slide
+from m2ost.learn.train import fit_model
+from m2ost.model.info import print_variants
+
+log = logging.getLogger("m2ost")
+
+
+def train(args) -> None:
+    settings = parse_settings(args.settings)
+    expressions = parse_pairs(args.expression, "--expression")
+    fit_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions, args.genes, list(expressions),
+              settings.get("model", {}), settings.get("train", {}), args.out_dir)
+
+
+def evaluate(args) -> None:
+    settings = parse_settings(args.settings)
+    expressions = parse_pairs(args.expression, "--expression")
+    evaluate_model(args.model, parse_pairs(args.bundle, "--bundle"), expressions, list(expressions), args.out_dir,
+                   model_name=args.name, split=args.split, device=settings.get("device", "auto"),
+                   batch_size=settings.get("batch_size", 64), workers=settings.get("workers", 0))
+
+
+def predict(args) -> None:
+    settings = parse_settings(args.settings)
+    adata = predict_bundle(args.model, args.bundle, args.out, sample=args.sample,
+                           device=settings.get("device", "auto"), batch_size=settings.get("batch_size", 64))
+    if args.png:
+        plot_prediction_maps(adata, args.png, title=f"{args.sample}: predicted expression")
+
+
+def predict_slide(args) -> None:
+    out = predict_one_slide(args.slide, args.model, args.out_dir, sample=args.sample, mpp=args.mpp,
+                            spacing_um=args.spacing_um, min_tissue_fraction=args.min_tissue_fraction,
+                            batch_size=args.batch_size, workers=args.workers, device=args.device)
+    log.info("predictions written to %s", out)
+
+
+def model_info(args) -> None:
+    print_variants(args.views, args.img_size, args.genes)

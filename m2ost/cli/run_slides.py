@@ -1,0 +1,49 @@
+"""What the subcommands of the slides environment run."""
+
+from __future__ import annotations
+
+import logging
+
+from m2ost.cli.options import parse_settings
+from m2ost.data.demo import make_demo_cohort
+from m2ost.data.grid import grid_spots as make_grid
+from m2ost.data.slide import prepare_slide as prepare
+from m2ost.data.slide import read_slide_info
+from m2ost.data.spots import read_positions, read_spots, write_spots
+from m2ost.data.tiling import View, tile_slide
+from m2ost.provenance import provenance
+
+log = logging.getLogger("m2ost")
+
+
+def demo_cohort(args) -> None:
+    make_demo_cohort(args.out, seed=args.seed, **parse_settings(args.settings))
+
+
+def spots(args) -> None:
+    table = read_positions(args.format, args.positions, args.sample, in_tissue_only=not args.keep_off_tissue,
+                           scalefactors=args.scalefactors)
+    write_spots(table, args.out)
+    log.info("%s: %d spots written to %s", args.sample, len(table), args.out)
+
+
+def prepare_slide(args) -> None:
+    prepare(args.sample, args.slide, args.out, converted_path=args.converted, sheet_mpp=args.mpp,
+            spots_tsv=args.spots, fmt=args.format or "", **parse_settings(args.settings))
+
+
+def tile(args) -> None:
+    settings = parse_settings(args.settings)
+    info = read_slide_info(args.slide_info, args.sample)
+    views = [View.from_config(v) for v in settings["views"]]
+    tile_slide(args.sample, info["slide"], read_spots(args.spots, args.sample), info["mpp"], views, args.out,
+               workers=args.workers, strategy=settings.get("strategy", "pyramid"), mpp_source=info["mpp_source"],
+               provenance=provenance(settings), progress=not args.no_progress)
+
+
+def grid_spots(args) -> None:
+    settings = parse_settings(args.settings)
+    info = read_slide_info(args.slide_info, args.sample)
+    table = make_grid(args.sample, info, settings.get("spot_spacing_um", 100.0),
+                      settings.get("min_tissue_fraction", 0.25))
+    write_spots(table, args.out)

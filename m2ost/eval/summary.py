@@ -1,0 +1,67 @@
+"""The summary table: one row per (model, split) from the ``summary.json`` files, and their means."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from m2ost.atomic import atomic_path
+from m2ost.errors import InputError
+from m2ost.eval.metrics import TOP_K
+
+SUMMARY_METRICS = ("gene_pcc_mean", "gene_pcc_median", f"gene_pcc_top{TOP_K}",
+                   "spot_pcc_paper", "rmse", "mae", "n_genes_undefined")
+
+
+
+def jsonable(obj):
+    """NaN -> None, so that summary.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def aggregate(summary_files: Sequence[str | os.PathLike],
+              out_tsv: str | os.PathLike) -> pd.DataFrame:
+    """One row per (model, split) from ``summary.json`` files, then one ``mean`` row per model.
+
+    A split's row holds the mean over its held-out samples; a model's ``mean`` row holds the
+    mean over its splits (each split weighs the same) and the total number of spots.
+    """
+    rows = []
+    for path in summary_files:
+        try:
+            s = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"cannot read evaluation summary ({err})", file=path) from None
+        row = {"model": s["model"], "kind": s["kind"], "split": s["split"],
+               "test_samples": ",".join(s["test_samples"]), "n_spots": s["n_spots"],
+               "n_genes": s["n_genes"]}
+        row.update({k: (np.nan if s["mean"].get(k) is None else s["mean"][k])
+                    for k in SUMMARY_METRICS})
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["model", "kind", "split", "test_samples", "n_spots",
+                                        "n_genes", *SUMMARY_METRICS])
+    table = table.sort_values(["model", "split"], kind="stable")
+    out = []
+    for model, group in table.groupby("model", sort=True):
+        out.append(group)
+        mean = {"model": model, "kind": group["kind"].iloc[0], "split": "mean",
+                "test_samples": f"{len(group)} splits", "n_spots": int(group["n_spots"].sum()),
+                "n_genes": group["n_genes"].iloc[0]}
+        mean.update({k: group[k].mean() for k in SUMMARY_METRICS})
+        out.append(pd.DataFrame([mean]))
+    result = pd.concat(out, ignore_index=True) if out else table
+    with atomic_path(out_tsv) as tmp:
+        result.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+    return result
+

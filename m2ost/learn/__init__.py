@@ -1,0 +1,1 @@
+"""Learning: datasets and loaders, training, baselines, checkpoints, inference (torch)."""
