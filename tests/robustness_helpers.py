@@ -122,7 +122,7 @@ def grid_spots(path, n: int, lo: float, hi: float, fmt_ids: str = "s{}") -> Path
 # Expression sources
 # ---------------------------------------------------------------------------------------------
 
-def visium_outs(root, n_rows: int = 4, n_cols: int = 6, mpp: float = 0.5, spot_diameter_um: float = 55.0,
+def visium_outs(root, n_rows: int = 4, n_cols: int = 6, mpp: float = 0.5, spot_diameter_um: float = 65.0,
                 genes=("GA", "GB", "GC", "GD", "GE"), seed: int = 0, counts: np.ndarray | None = None,
                 matrix_barcodes: list[str] | None = None, scalefactors: dict | None | bool = True,
                 origin_px: float = 200.0) -> dict:

@@ -6,7 +6,8 @@ function that runs it in the matching ``run_*`` module, imported only when that 
 in the slides environment, which has no torch, and ``m2ost --help`` lists everything anywhere.
 
 Bad input ends with one line on stderr, ``m2ost: error: [sample S, file F] problem``, and exit
-status 1.
+status 1. Where stderr goes elsewhere than stdout (a workflow rule sends stderr to its log), the
+line is written to stdout too, so that it reaches the terminal of the Snakemake run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from m2ost import __version__
@@ -43,5 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         handler(args)
     except (InputError, TrainingDiverged) as err:
         print(f"m2ost: error: {err}", file=sys.stderr)
+        if _stdout_is_elsewhere():
+            print(f"m2ost: error: {err}", flush=True)
         return 1
     return 0
+
+
+def _stdout_is_elsewhere() -> bool:
+    """Whether stdout and stderr lead to different places (not one terminal or one file)."""
+    try:
+        return not os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError, AttributeError):  # closed or replaced streams (pytest's capture)
+        return False

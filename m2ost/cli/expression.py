@@ -24,6 +24,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--settings", help="JSON: method, n_genes, list_file, min_spot_fraction")
     p.add_argument("--out", required=True, help="gene list (one per line)")
 
+    p = add_command(sub, "data-summary", f"{RUN}:data_summary",
+                    "one line per sample: spots kept and dropped, median library size, genes detected")
+    p.add_argument("--expression", nargs="+", required=True, metavar="SAMPLE=H5AD", help="expression files")
+    p.add_argument("--low-fraction", type=float, default=0.2,
+                   help="warn for a section whose median library size is under this fraction of the cohort's")
+    p.add_argument("--out", required=True, help="table (TSV)")
+
     p = add_command(sub, "summary", f"{RUN}:summary", "one table of every (model, split) summary")
     p.add_argument("summaries", nargs="+", help="summary.json files of the evaluate stage")
     p.add_argument("--out", required=True, help="summary table (TSV)")

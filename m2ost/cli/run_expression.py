@@ -6,6 +6,7 @@ import logging
 
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.data.expression import build_expression
+from m2ost.data.quality import quality_table, write_quality_table
 from m2ost.data.panel import select_panel, write_panel
 from m2ost.data.spots import read_spots
 from m2ost.eval.summary import aggregate
@@ -33,3 +34,10 @@ def panel(args) -> None:
 def summary(args) -> None:
     table = aggregate(args.summaries, args.out)
     log.info("\n%s", table.to_string(index=False))
+
+
+def data_summary(args) -> None:
+    table = quality_table(parse_pairs(args.expression, "--expression"), args.low_fraction)
+    text = write_quality_table(table, args.out)
+    # On stdout, which the workflow shows on the terminal at the end of the data stages.
+    print(f"m2ost: data quality per sample ({args.out}):\n{text}")

@@ -11,6 +11,7 @@ from m2ost.data.slide import prepare_slide as prepare
 from m2ost.data.slide import read_slide_info
 from m2ost.data.spots import read_positions, read_spots, write_spots
 from m2ost.data.tiling import View, tile_slide
+from m2ost.data.view_checks import MAX_UPSCALE
 from m2ost.provenance import provenance
 
 log = logging.getLogger("m2ost")
@@ -22,14 +23,18 @@ def demo_cohort(args) -> None:
 
 def spots(args) -> None:
     table = read_positions(args.format, args.positions, args.sample, in_tissue_only=not args.keep_off_tissue,
-                           scalefactors=args.scalefactors)
+                           scalefactors=args.scalefactors, slide_scale=args.slide_scale, pitch_um=args.array_pitch_um)
     write_spots(table, args.out)
     log.info("%s: %d spots written to %s", args.sample, len(table), args.out)
 
 
 def prepare_slide(args) -> None:
+    settings = parse_settings(args.settings)
+    settings = {k: v for k, v in settings.items() if k in ("tile_size", "jpeg_quality", "mpp_range")}
     prepare(args.sample, args.slide, args.out, converted_path=args.converted, sheet_mpp=args.mpp,
-            spots_tsv=args.spots, fmt=args.format or "", **parse_settings(args.settings))
+            spots_tsv=args.spots, fmt=args.format or "", override_name=args.mpp_source,
+            scalefactors=args.scalefactors, slide_scale=args.slide_scale, hest_metadata=args.hest_metadata,
+            array_pitch_um=args.array_pitch_um, **settings)
 
 
 def tile(args) -> None:
@@ -38,7 +43,8 @@ def tile(args) -> None:
     views = [View.from_config(v) for v in settings["views"]]
     tile_slide(args.sample, info["slide"], read_spots(args.spots, args.sample), info["mpp"], views, args.out,
                workers=args.workers, strategy=settings.get("strategy", "pyramid"), mpp_source=info["mpp_source"],
-               provenance=provenance(settings), progress=not args.no_progress)
+               provenance=provenance(settings), progress=not args.no_progress,
+               max_upscale=settings.get("max_upscale", MAX_UPSCALE), allow_upscale=settings.get("allow_upscale", False))
 
 
 def grid_spots(args) -> None:

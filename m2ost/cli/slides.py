@@ -5,7 +5,7 @@ from __future__ import annotations
 from m2ost.cli.options import add_command
 
 RUN = "m2ost.cli.run_slides"
-FORMATS = ["visium", "legacy_st", "h5ad"]
+FORMATS = ["visium", "legacy_st", "h5ad", "hest"]
 
 
 def add_parsers(sub) -> None:
@@ -21,6 +21,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--positions", required=True, help="positions file (Visium tissue_positions, legacy ST selection, h5ad)")
     p.add_argument("--keep-off-tissue", action="store_true", help="keep spots flagged off tissue")
     p.add_argument("--scalefactors", help="Visium scalefactors_json.json (default: beside --positions)")
+    _scale_options(p)
     p.add_argument("--out", required=True, help="spot table (TSV)")
 
     p = add_command(sub, "prepare-slide", f"{RUN}:prepare_slide",
@@ -30,15 +31,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--spots", help="spot table, to estimate the resolution from the spot grid")
     p.add_argument("--format", help="platform of the spot grid (visium, legacy_st)")
     p.add_argument("--mpp", type=float, help="µm per pixel (overrides the slide metadata)")
+    p.add_argument("--mpp-source", default="sample sheet", help="where --mpp comes from (for messages)")
+    p.add_argument("--scalefactors", help="Visium scalefactors_json.json (its spot diameter gives a resolution)")
+    p.add_argument("--hest-metadata", help="HEST-1k metadata/{id}.json (pixel_size_um_estimated)")
+    _scale_options(p)
     p.add_argument("--converted", help="write a pyramidal TIFF here (plain images)")
-    p.add_argument("--settings", help="JSON: tile_size, jpeg_quality")
+    p.add_argument("--settings", help="JSON: tile_size, jpeg_quality, mpp_range")
     p.add_argument("--out", required=True, help="slide information (JSON)")
 
     p = add_command(sub, "tile", f"{RUN}:tile", "tile every spot into a multi-view HDF5 bundle")
     p.add_argument("--sample", required=True, help="sample name (for messages)")
     p.add_argument("--slide-info", required=True, help="slide information from prepare-slide")
     p.add_argument("--spots", required=True, help="spot table")
-    p.add_argument("--settings", required=True, help="JSON: views [{fov_um|fov_px, size_px}], strategy")
+    p.add_argument("--settings", required=True, help="JSON: views [{fov_um|fov_px, size_px}], strategy, max_upscale, allow_upscale")
     p.add_argument("--workers", type=int, default=1, help="reader processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="bundle (HDF5)")
@@ -48,3 +53,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--slide-info", required=True, help="slide information from prepare-slide")
     p.add_argument("--settings", help="JSON: spot_spacing_um, min_tissue_fraction")
     p.add_argument("--out", required=True, help="spot table (TSV)")
+
+
+def _scale_options(p) -> None:
+    p.add_argument("--slide-scale", default="",
+                   help="the slide is the full-resolution image downscaled by this factor, or by the scale "
+                        "factor of this key (tissue_hires_scalef, tissue_lowres_scalef)")
+    p.add_argument("--array-pitch-um", type=float, help="centre-to-centre distance of the array's spots, µm")

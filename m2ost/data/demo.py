@@ -50,6 +50,7 @@ from scipy import ndimage as ndi
 
 from m2ost.atomic import atomic_path
 from m2ost.data.pyramid import write_pyramidal_tiff
+from m2ost.data.spots import SPOT_DIAMETER_FULLRES_UM
 
 __all__ = ["make_demo_cohort", "DemoCohort", "REGION_TYPES", "OWN_RADIUS_UM", "RING_UM"]
 
@@ -586,7 +587,7 @@ def _write_visium(
     _write_tsv(spatial / "tissue_positions.csv", positions, sep=",")
     longest = max(image.shape[:2])
     scale = {
-        "spot_diameter_fullres": SPOT_DIAMETER_UM / MPP,
+        "spot_diameter_fullres": SPOT_DIAMETER_FULLRES_UM / MPP,  # 10x: a 65 µm spot in full-res px
         "tissue_hires_scalef": min(1.0, 2000 / longest),
         "fiducial_diameter_fullres": FIDUCIAL_DIAMETER_UM / MPP,
         "tissue_lowres_scalef": min(1.0, 600 / longest),

@@ -76,7 +76,8 @@ def read_h5ad_counts(path, sample=None):
     return out
 
 
-READERS = {"legacy_st": read_legacy_st_counts, "visium": read_visium_counts, "h5ad": read_h5ad_counts}
+READERS = {"legacy_st": read_legacy_st_counts, "visium": read_visium_counts, "h5ad": read_h5ad_counts,
+           "hest": read_h5ad_counts}
 
 
 def check_counts(adata, path, sample) -> None:
@@ -140,6 +141,7 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
     if adata.n_obs == 0:
         raise _counts_error(f"no spot has at least {min_counts} counts", counts_path, sample)
     adata.layers["counts"] = adata.X.copy()
+    qc = quality(adata, len(spot_ids), no_counts, no_spot, int(low.sum()), min_counts)
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
@@ -148,13 +150,27 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
     adata.uns["m2ost"] = {"sample": sample, "format": fmt, "counts": str(counts_path),
                           "min_counts": min_counts, "target_sum": target_sum,
                           "dropped_no_counts": no_counts, "dropped_no_spot": no_spot,
-                          "dropped_low_counts": int(low.sum()), "provenance_json": _json(provenance)}
+                          "dropped_low_counts": int(low.sum()), "provenance_json": _json(provenance),
+                          "qc_json": _json(qc)}
     adata.uns.pop("log1p", None)
     adata.uns["m2ost"]["content_digest"] = content_digest(adata)
-    log.info("%s: %d spots x %d genes kept", sample, adata.n_obs, adata.n_vars)
+    log.info("%s: %d spots x %d genes kept; median library size %.0f counts, %d genes detected", sample,
+             adata.n_obs, adata.n_vars, qc["median_library_size"], qc["genes_detected"])
     with atomic_path(out_path) as tmp:
         adata.write_h5ad(tmp)
     return adata
+
+
+def quality(adata, n_spots: int, no_counts: int, no_spot: int, low: int, min_counts: int) -> dict:
+    """What a user should see of a section's data: spots kept and dropped (and why), the median
+    library size and the genes detected (at least one count in a kept spot)."""
+    counts = adata.X
+    detected = int((np.asarray((counts > 0).sum(axis=0)).ravel() > 0).sum())
+    return {"spots_in_table": int(n_spots), "spots_kept": int(adata.n_obs),
+            "dropped_no_counts": int(no_counts), "count_rows_without_spot": int(no_spot),
+            "dropped_low_counts": int(low), "min_counts": int(min_counts),
+            "median_library_size": float(np.median(np.asarray(counts.sum(axis=1)).ravel())),
+            "genes_detected": detected, "genes": int(adata.n_vars)}
 
 
 def _id_hint(spot_ids, count_ids) -> str:

@@ -8,6 +8,8 @@ import os
 import struct
 from pathlib import Path
 
+from m2ost.data.resolution import MPP_RANGE, check_plausible, estimate_mpp_from_grid, reconcile
+from m2ost.data.spots import SPOT_DIAMETER_FULLRES_UM, read_spots, read_visium_scalefactors, slide_scale_factor
 from m2ost.errors import InputError
 from m2ost.plan.formats import TIFF_EXTENSIONS
 
@@ -66,29 +68,56 @@ def plain_image_mpp(path) -> float | None:
         return None
 
 
-def resolve_mpp(sample: str, metadata: float | None, sheet: float | None, spots=None, fmt: str = "",
-                file=None) -> tuple[float, str]:
-    """Choose the resolution: sample sheet override, else slide metadata, else the spot grid.
-
-    Returns (mpp, source) where source says where it came from; it is logged and stored.
-    """
-    from m2ost.data.spots import estimate_mpp_from_grid
-
-    if sheet:
-        if metadata and abs(sheet - metadata) / metadata > 0.05:
-            log.warning("%s: sample sheet mpp %.4f overrides slide metadata %.4f", sample, sheet, metadata)
-        return float(sheet), "sample sheet"
-    if metadata:
-        return float(metadata), "slide metadata"
-    if spots is None or not fmt:
-        raise InputError("slide has no resolution metadata and no mpp in the sample sheet "
-                         "(and no spot grid to estimate it from)", file=file, sample=sample)
+def read_hest_metadata(path, sample: str | None = None) -> dict:
+    """A HEST-1k ``metadata/{id}.json``: ``pixel_size_um_estimated`` (the µm/px HEST's own reader
+    uses) must be a number; ``inter_spot_dist`` (µm) is the array's pitch when present."""
     try:
-        mpp = estimate_mpp_from_grid(spots, fmt, sample)
-    except InputError as err:
-        raise InputError(f"slide has no resolution metadata and no mpp in the sample sheet, and {err.problem}",
-                         file=file, sample=sample) from None
-    return mpp, f"estimated from the {fmt} spot grid"
+        with open(path) as handle:
+            meta = json.load(handle)
+    except FileNotFoundError:
+        raise InputError("HEST metadata not found (HEST-1k keeps it in metadata/{id}.json)", file=path,
+                         sample=sample) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"HEST metadata is not valid JSON: {err}", file=path, sample=sample) from None
+    try:
+        meta["pixel_size_um_estimated"] = float(meta["pixel_size_um_estimated"])
+    except (TypeError, KeyError, ValueError):
+        raise InputError("HEST metadata lacks a numeric pixel_size_um_estimated", file=path, sample=sample) from None
+    return meta
+
+
+def resolve_mpp(sample: str, metadata: float | None, sheet: float | None, spots=None, fmt: str = "",
+                file=None, *, override_name: str = "sample sheet", extra: list | None = None,
+                pitch_um: float | None = None, mpp_range=MPP_RANGE) -> tuple[float, str]:
+    """Choose the resolution: the override (sample sheet or ``--mpp``), else slide metadata, else
+    ``extra`` sources in order (HEST metadata, Visium scale factors), else the spot grid.
+
+    Every source that gives a value is compared (a disagreement is logged with all values), and
+    the chosen one must be plausible (``mpp_range``). Returns (mpp, source), logged and stored.
+    """
+    missing = "no mpp in the sample sheet" if override_name == "sample sheet" else f"no {override_name}"
+    candidates = []
+    if sheet:
+        candidates.append((override_name, float(sheet)))
+    if metadata:
+        candidates.append(("slide metadata", float(metadata)))
+    candidates += [(name, float(value)) for name, value in (extra or [])]
+    if spots is not None and fmt:
+        try:
+            candidates.append((f"{fmt} spot grid", estimate_mpp_from_grid(spots, fmt, sample, pitch_um)))
+        except InputError as err:
+            if not candidates:
+                raise InputError(f"slide has no resolution metadata and {missing}, and "
+                                 f"{err.problem}", file=file, sample=sample) from None
+            log.info("%s: no grid estimate of the resolution (%s)", sample, err.problem)
+    if not candidates:
+        raise InputError(f"slide has no resolution metadata and {missing} "
+                         "(and no spot grid to estimate it from)", file=file, sample=sample)
+    mpp, source = reconcile(sample, candidates)
+    check_plausible(mpp, source, mpp_range, file=file, sample=sample)
+    if source.endswith("spot grid"):
+        source = f"estimated from the {source}"
+    return mpp, source
 
 
 def describe_slide(slide) -> dict:
@@ -98,23 +127,43 @@ def describe_slide(slide) -> dict:
             "vendor": slide.properties.get("openslide.vendor", "")}
 
 
+def extra_mpp_sources(sample: str, fmt: str, *, scalefactors=None, slide_scale=None, hest_metadata=None) -> list:
+    """Resolutions the expression source states: HEST's ``pixel_size_um_estimated``, and for Visium
+    the full-resolution µm/px of ``spot_diameter_fullres`` (a 65 µm spot) over the slide's scale."""
+    out = []
+    if hest_metadata:
+        out.append(("HEST metadata", read_hest_metadata(hest_metadata, sample)["pixel_size_um_estimated"]))
+    if fmt == "visium" and scalefactors:
+        factors = read_visium_scalefactors(scalefactors, sample)
+        scale = slide_scale_factor(slide_scale, factors, scalefactors, sample)
+        what = "Visium scale factors" + (f" ({slide_scale})" if scale != 1.0 else "")
+        out.append((what, SPOT_DIAMETER_FULLRES_UM / (float(factors["spot_diameter_fullres"]) * scale)))
+    return out
+
+
 def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, sheet_mpp: float | None = None,
-                  spots_tsv=None, fmt: str = "", tile_size: int = 256, jpeg_quality: int = 90) -> dict:
+                  spots_tsv=None, fmt: str = "", tile_size: int = 256, jpeg_quality: int = 90,
+                  override_name: str = "sample sheet", scalefactors=None, slide_scale=None, hest_metadata=None,
+                  array_pitch_um: float | None = None, mpp_range=MPP_RANGE) -> dict:
     """Make a slide readable by OpenSlide and record its resolution in ``out_json``.
 
     With ``converted_path`` the slide is a plain image and is written there as a pyramidal
     TIFF carrying the resolution. The JSON names the slide the later stages read.
     """
     from m2ost.atomic import atomic_path
-    from m2ost.data.spots import read_spots
 
     spots = read_spots(spots_tsv, sample) if spots_tsv else None
     if not os.path.isfile(slide_path):
         raise InputError("slide not found", file=slide_path, sample=sample)
+    if hest_metadata and not array_pitch_um:
+        array_pitch_um = read_hest_metadata(hest_metadata, sample).get("inter_spot_dist") or None
+    extra = extra_mpp_sources(sample, fmt, scalefactors=scalefactors, slide_scale=slide_scale,
+                              hest_metadata=hest_metadata)
+    choose = dict(override_name=override_name, extra=extra, pitch_um=array_pitch_um, mpp_range=tuple(mpp_range))
     if converted_path:
         from m2ost.data.pyramid import convert_to_pyramid
 
-        mpp, source = resolve_mpp(sample, plain_image_mpp(slide_path), sheet_mpp, spots, fmt, slide_path)
+        mpp, source = resolve_mpp(sample, plain_image_mpp(slide_path), sheet_mpp, spots, fmt, slide_path, **choose)
         log.info("%s: converting %s to a pyramidal TIFF at %.4f µm/px (%s)", sample, slide_path, mpp, source)
         try:
             convert_to_pyramid(slide_path, converted_path, mpp, tile=tile_size, quality=jpeg_quality)
@@ -124,7 +173,7 @@ def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, she
     else:
         readable = slide_path
         with open_slide(slide_path, sample) as slide:
-            mpp, source = resolve_mpp(sample, metadata_mpp(slide), sheet_mpp, spots, fmt, slide_path)
+            mpp, source = resolve_mpp(sample, metadata_mpp(slide), sheet_mpp, spots, fmt, slide_path, **choose)
     with open_slide(readable, sample) as slide:
         info = {"sample": sample, "slide": str(readable), "source_slide": str(slide_path),
                 "mpp": mpp, "mpp_source": source, **describe_slide(slide)}

@@ -15,19 +15,15 @@ import os
 import numpy as np
 import pandas as pd
 
+from m2ost.data.resolution import MPP_DISAGREEMENT, estimate_mpp_from_grid
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["spot_id", "x", "y", "array_row", "array_col"]
-# Centre-to-centre distance of neighbouring spots, µm, per unit step of the array index.
-# Legacy ST: square grid, 200 µm in both directions. Visium: hexagonal grid of 100 µm pitch;
-# array_col advances by 2 between neighbours in a row, rows are 100 * sin(60°) µm apart.
-GRID_PITCH_UM = {
-    "legacy_st": {"col": 200.0, "row": 200.0},
-    "visium": {"col": 50.0, "row": 100.0 * np.sqrt(3) / 2},
-}
-VISIUM_SPOT_DIAMETER_UM = 55.0
+# By 10x's definition, spot_diameter_fullres is the diameter in full-resolution pixels of a
+# *65 µm* spot (the physical spot is 55 µm; 65 µm includes a margin).
+SPOT_DIAMETER_FULLRES_UM = 65.0
 
 
 def _check_columns(df: pd.DataFrame, needed: list[str], file, sample) -> None:
@@ -123,21 +119,38 @@ def read_visium_scalefactors(path, sample: str | None = None) -> dict:
     return factors
 
 
-# Relative disagreement between the resolution implied by spot_diameter_fullres and the one
-# estimated from the spot grid above which the spots stage warns.
-MPP_DISAGREEMENT = 0.10
+def slide_scale_factor(scale: str | float | None, factors: dict | None = None, file=None,
+                       sample: str | None = None) -> float:
+    """The factor from full-resolution pixels to the slide's: 1 when empty, a number as given, or a
+    Space Ranger key (``tissue_hires_scalef``/``tissue_lowres_scalef``) read from the scale factors."""
+    if scale in (None, "", 1, 1.0):
+        return 1.0
+    try:
+        return float(scale)
+    except ValueError:
+        pass
+    value = (factors or {}).get(scale)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (np.isfinite(value) and 0 < value <= 1):
+        raise InputError(f"the slide is Space Ranger's downscaled image but the scale factors lack a valid {scale} "
+                         f"(got {(factors or {}).get(scale)!r})", file=file, sample=sample)
+    return value
 
 
-def check_visium_scale(table: pd.DataFrame, factors: dict, scalefactors_path, sample: str | None = None) -> dict:
-    """Compare the µm per pixel implied by ``spot_diameter_fullres`` (a 55 µm spot) with the grid estimate.
+def check_visium_scale(table: pd.DataFrame, factors: dict, scalefactors_path, sample: str | None = None,
+                       scale: float = 1.0, pitch_um: float | None = None) -> dict:
+    """Compare the µm per pixel implied by ``spot_diameter_fullres`` (a 65 µm spot, 10x's definition)
+    with the grid estimate, both in the slide's pixels (full resolution times ``scale``).
 
     Returns both values (None where not computable). A disagreement of more than 10 % means the
-    positions and the scale factors come from different runs or images: warned, not fatal, since
-    the tiler uses the slide's own resolution.
+    positions and the scale factors come from different runs or images: warned, not fatal.
     """
-    from_diameter = VISIUM_SPOT_DIAMETER_UM / float(factors["spot_diameter_fullres"])
+    from_diameter = SPOT_DIAMETER_FULLRES_UM / (float(factors["spot_diameter_fullres"]) * scale)
     try:
-        from_grid = estimate_mpp_from_grid(table, "visium", sample)
+        from_grid = estimate_mpp_from_grid(table, "visium", sample, pitch_um)
     except InputError as err:
         log.info("%s: grid estimate of the resolution unavailable (%s); scalefactors give %.4f µm/px",
                  sample, err.problem, from_diameter)
@@ -185,26 +198,35 @@ def read_h5ad_positions(path, sample: str | None = None) -> pd.DataFrame:
 
 
 def read_positions(fmt: str, path, sample: str | None = None, in_tissue_only: bool = True,
-                   scalefactors=None) -> pd.DataFrame:
-    """Read a spot table of any supported format and check it.
+                   scalefactors=None, slide_scale: str | float | None = None,
+                   pitch_um: float | None = None) -> pd.DataFrame:
+    """Read a spot table of any supported format, in the slide's pixels, and check it.
 
     Visium needs Space Ranger's ``scalefactors_json.json`` (``scalefactors``; by default beside
-    the positions file): its spot diameter is checked against the spot grid.
+    the positions file): its spot diameter is checked against the spot grid. ``slide_scale``
+    (a factor, or the scale factor key of Space Ranger's hires/lowres image) scales the centres
+    from full-resolution pixels to those of a downscaled slide.
     """
+    factors = None
     if fmt == "legacy_st":
         table = read_legacy_st_positions(path, sample)
     elif fmt == "visium":
         table = read_visium_positions(path, sample, in_tissue_only)
         scalefactors = scalefactors or visium_scalefactors_path(path)
         factors = read_visium_scalefactors(scalefactors, sample)
-        table = check_spots(table, path, sample)
-        check_visium_scale(table, factors, scalefactors, sample)
-        return table
-    elif fmt == "h5ad":
+    elif fmt in ("h5ad", "hest"):
         table = read_h5ad_positions(path, sample)
     else:
         raise InputError(f"unknown expression format {fmt!r}", file=path, sample=sample)
-    return check_spots(table, path, sample)
+    scale = slide_scale_factor(slide_scale, factors, scalefactors, sample)
+    if scale != 1.0:
+        table = table.assign(x=table["x"] * scale, y=table["y"] * scale)
+        log.info("%s: spot centres scaled by %.6g (%s) from full-resolution pixels to the slide's", sample, scale,
+                 slide_scale)
+    table = check_spots(table, path, sample)
+    if factors is not None:
+        check_visium_scale(table, factors, scalefactors, sample, scale, pitch_um)
+    return table
 
 
 def check_spots(table: pd.DataFrame, file, sample) -> pd.DataFrame:
@@ -240,31 +262,3 @@ def read_spots(path, sample: str | None = None) -> pd.DataFrame:
                         na_values=[""])
     _check_columns(table, COLUMNS, path, sample)
     return table
-
-
-def estimate_mpp_from_grid(table: pd.DataFrame, fmt: str, sample: str | None = None) -> float:
-    """µm per pixel from the spot grid: a least-squares affine map array index -> pixel.
-
-    The length of the pixel step per array column (and per array row) is compared with the
-    platform's known pitch. Needs at least 6 spots on at least 2 rows and 2 columns.
-    """
-    if fmt not in GRID_PITCH_UM:
-        raise InputError(f"cannot estimate the resolution from the spot grid of format {fmt!r}; "
-                         "give mpp in the sample sheet", sample=sample)
-    grid = table[["array_col", "array_row"]].to_numpy(float)
-    px = table[["x", "y"]].to_numpy(float)
-    ok = np.isfinite(grid).all(axis=1)
-    grid, px = grid[ok], px[ok]
-    if len(grid) < 6 or len(np.unique(grid[:, 0])) < 2 or len(np.unique(grid[:, 1])) < 2:
-        raise InputError(f"too few spots ({len(grid)}) on the grid to estimate the resolution; "
-                         "give mpp in the sample sheet", sample=sample)
-    design = np.column_stack([grid, np.ones(len(grid))])
-    coef, *_ = np.linalg.lstsq(design, px, rcond=None)
-    px_per_col = float(np.hypot(*coef[0]))
-    px_per_row = float(np.hypot(*coef[1]))
-    pitch = GRID_PITCH_UM[fmt]
-    estimates = [pitch["col"] / px_per_col, pitch["row"] / px_per_row]
-    if not all(np.isfinite(estimates)) or min(estimates) <= 0:
-        raise InputError("spot grid is degenerate; cannot estimate the resolution, give mpp in the sample sheet",
-                         sample=sample)
-    return float(np.mean(estimates))

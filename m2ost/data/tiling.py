@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from m2ost.data.view_checks import MAX_UPSCALE, check_not_blank, check_upscaling
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -539,7 +540,8 @@ def _damaged_slide_is_input_error(chunks, slide_path, sample):
 
 def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], out_path, *,
                workers: int = 1, strategy: str = "pyramid", provenance: dict | None = None,
-               mpp_source: str = "", progress: bool = True) -> dict:
+               mpp_source: str = "", progress: bool = True, max_upscale: float = MAX_UPSCALE,
+               allow_upscale: bool = False) -> dict:
     """Tile every spot of ``spots`` (DataFrame with spot_id, x, y) into the bundle ``out_path``.
 
     Rows of the bundle follow the rows of ``spots``. Spots whose views reach outside the slide
@@ -558,7 +560,8 @@ def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], ou
     inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < dims[0]) & (xy[:, 1] < dims[1])
     if not inside.any():
         raise InputError(f"all {len(xy)} spot centres lie outside the {dims[0]} x {dims[1]} px slide "
-                         "(wrong slide or wrong coordinate scale?)", file=slide_path, sample=sample)
+                         "(wrong slide or wrong coordinate scale? a downscaled image needs slide_scale)",
+                         file=slide_path, sample=sample)
     if not inside.all():
         log.warning("%s: %d of %d spot centres lie outside the slide; their views are white and flagged",
                     sample, int((~inside).sum()), len(xy))
@@ -569,6 +572,7 @@ def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], ou
         raise InputError(f"the slide ({dims[0]} x {dims[1]} px) is smaller than view {largest} "
                          f"({plans[largest].fov0:.0f} px = {plans[largest].fov0 * mpp:.0f} µm at {mpp:.4g} µm/px); "
                          "check the slide's resolution and the views' fields of view", file=slide_path, sample=sample)
+    check_upscaling(sample, plans, mpp, max_upscale=max_upscale, allow=allow_upscale, file=slide_path)
     for v, p in enumerate(plans):
         log.info("%s: view %d: %.1f level-0 px read at level %d (downsample %.2f) as %d px -> %d px",
                  sample, v, p.fov0, p.level, p.downsample, p.read_px, p.size_px)
@@ -588,6 +592,7 @@ def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], ou
             padded_any += int(padded.any(axis=1).sum())
             bar.update(len(idx))
         bar.close()
+        check_not_blank(sample, writer._tissue, slide_path)
     log.info("%s: %d spots tiled, %d with a view padded past the slide edge (read through %s, %d tiles decoded)",
              sample, len(xy), padded_any, stats.get("reader"), stats.get("tiles_decoded", 0))
     return {"n_spots": len(xy), "n_padded": padded_any, "plans": plans, "reader": stats.get("reader"),

@@ -85,7 +85,8 @@ def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None,
     out_dir = Path(out_dir)
     work = out_dir / "work"
     converted = work / f"{sample}.tif" if slide_needs_conversion(str(slide_path)) else None
-    info = prepare_slide(sample, slide_path, work / f"{sample}.json", converted_path=converted, sheet_mpp=mpp)
+    info = prepare_slide(sample, slide_path, work / f"{sample}.json", converted_path=converted, sheet_mpp=mpp,
+                         override_name="--mpp option")
     table = grid_spots(sample, info, spacing_um, min_tissue_fraction)
     write_spots(table, work / f"{sample}.tsv")
     views = model_views(model_file)

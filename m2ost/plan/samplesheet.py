@@ -9,14 +9,24 @@ Columns
 sample      unique name (letters, digits, ``_ . -``)
 patient     patient (or donor) the slide comes from; leave-one-patient-out groups on it
 slide       path of the H&E slide (any OpenSlide format, or a plain JPEG/PNG/TIFF)
-format      expression source: ``visium``, ``legacy_st``, ``h5ad``, or empty (H&E only)
+slide       path of the H&E slide (any OpenSlide format, or a plain JPEG/PNG/TIFF); for Visium also
+            Space Ranger's ``tissue_hires_image.png`` / ``tissue_lowres_image.png`` (the spot
+            centres are scaled by ``tissue_hires_scalef`` / ``tissue_lowres_scalef``); for
+            ``hest`` it may be empty (``wsis/{id}.tif`` of the HEST root)
+format      expression source: ``visium``, ``legacy_st``, ``h5ad``, ``hest``, or empty (H&E only)
 counts      visium: ``filtered_feature_bc_matrix.h5`` or the Space Ranger ``outs`` folder;
-            legacy_st: the spots x genes count table (.tsv or .tsv.gz); h5ad: the .h5ad file
+            legacy_st: the spots x genes count table (.tsv or .tsv.gz); h5ad: the .h5ad file;
+            hest: the HEST-1k root folder (with ``st/``, ``wsis/``, ``metadata/``)
 positions   visium: ``tissue_positions.csv`` / ``tissue_positions_list.csv`` (found in
-            ``outs/spatial`` when empty); legacy_st: the spot selection table; h5ad: empty
+            ``outs/spatial`` when empty); legacy_st: the spot selection table; h5ad, hest: empty
 mpp         optional µm per pixel; overrides the slide's metadata when given
+slide_scale optional: the slide is the full-resolution image downscaled by this factor (0 < f <= 1);
+            the spot centres of the positions file are multiplied by it
+array_pitch_um  optional centre-to-centre distance of neighbouring spots of the array, µm
+            (default: 200 legacy ST, 100 Visium); used to estimate the resolution from the grid
+hest_id     optional HEST-1k sample id (default: the sample name)
 
-Relative paths resolve against ``data_root``.
+Relative paths resolve against ``data_root``; absolute paths are kept.
 """
 
 from __future__ import annotations
@@ -29,9 +39,12 @@ from pathlib import Path
 
 from m2ost.errors import InputError
 
-FORMATS = ("visium", "legacy_st", "h5ad")
+FORMATS = ("visium", "legacy_st", "h5ad", "hest")
 REQUIRED_COLUMNS = ("sample", "patient", "slide")
-OPTIONAL_COLUMNS = ("format", "counts", "positions", "mpp")
+OPTIONAL_COLUMNS = ("format", "counts", "positions", "mpp", "slide_scale", "array_pitch_um", "hest_id")
+# Space Ranger's downscaled images and the scale factor (in scalefactors_json.json) of each.
+SPACE_RANGER_IMAGES = {"tissue_hires_image.png": "tissue_hires_scalef",
+                       "tissue_lowres_image.png": "tissue_lowres_scalef"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -46,11 +59,32 @@ class Sample:
     counts: str = ""
     positions: str = ""
     mpp: float | None = None
+    slide_scale: float | None = None
+    array_pitch_um: float | None = None
+    hest_id: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def has_expression(self) -> bool:
         return bool(self.format)
+
+    @property
+    def scale_source(self) -> str:
+        """How the spot centres reach the slide's pixels: ``""`` (as given), a number (the
+        ``slide_scale`` column) or the Space Ranger scale factor key of a hires/lowres image."""
+        if self.slide_scale:
+            return repr(self.slide_scale)
+        if self.format == "visium":
+            return SPACE_RANGER_IMAGES.get(os.path.basename(self.slide), "")
+        return ""
+
+    def hest_files(self) -> dict[str, str]:
+        """A HEST-1k sample's files under its root (``counts``), as HEST's own reader finds them."""
+        root, name = self.counts, self.hest_id or self.sample
+        return {"counts": os.path.join(root, "st", f"{name}.h5ad"),
+                "positions": os.path.join(root, "st", f"{name}.h5ad"),
+                "metadata": os.path.join(root, "metadata", f"{name}.json"),
+                "slide": os.path.join(root, "wsis", f"{name}.tif")}
 
     def expression_files(self) -> dict[str, str]:
         """The files the expression source consists of, by role.
@@ -62,6 +96,9 @@ class Sample:
             return {}
         if self.format == "h5ad":
             return {"counts": self.counts, "positions": self.counts}
+        if self.format == "hest":
+            files = self.hest_files()
+            return {role: files[role] for role in ("counts", "positions", "metadata")}
         if self.format == "legacy_st":
             return {"counts": self.counts, "positions": self.positions}
         counts, positions = self.counts, self.positions
@@ -124,9 +161,9 @@ def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".
         seen[name] = line_no
         if not row["patient"]:
             raise InputError(f"line {line_no}: empty patient", file=path, sample=name)
-        if not row["slide"]:
-            raise InputError(f"line {line_no}: empty slide path", file=path, sample=name)
         fmt = row.get("format", "").lower()
+        if not row["slide"] and fmt != "hest":
+            raise InputError(f"line {line_no}: empty slide path", file=path, sample=name)
         if fmt and fmt not in FORMATS:
             raise InputError(f"line {line_no}: unknown format {fmt!r}; use one of {', '.join(FORMATS)} or leave empty",
                              file=path, sample=name)
@@ -135,22 +172,36 @@ def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".
         if fmt == "legacy_st" and not row.get("positions"):
             raise InputError(f"line {line_no}: legacy_st needs the spot selection table in 'positions'",
                              file=path, sample=name)
-        mpp = None
-        if row.get("mpp"):
-            try:
-                mpp = float(row["mpp"])
-            except ValueError:
-                raise InputError(f"line {line_no}: mpp {row['mpp']!r} is not a number", file=path, sample=name) from None
-            if not mpp > 0:
-                raise InputError(f"line {line_no}: mpp must be positive, got {mpp}", file=path, sample=name)
-        slide = _resolve(row["slide"], root)
+        mpp, scale, pitch = (_positive(row, key, line_no, path, name) for key in ("mpp", "slide_scale",
+                                                                                   "array_pitch_um"))
+        if scale and scale > 1:
+            raise InputError(f"line {line_no}: slide_scale is the factor by which the slide is smaller than the "
+                             f"full-resolution image (0 < slide_scale <= 1), got {scale}", file=path, sample=name)
+        counts = _resolve(row.get("counts", ""), root)
+        if fmt == "hest" and not row["slide"]:
+            slide = Sample(name, row["patient"], "", fmt, counts, hest_id=row.get("hest_id", "")).hest_files()["slide"]
+        else:
+            slide = _resolve(row["slide"], root)
         same = os.path.realpath(slide)  # one file reached by two spellings or a link is one slide
         if same in slides:
             raise InputError(f"line {line_no}: slide {row['slide']} is already used by sample {slides[same]}",
                              file=path, sample=name)
         slides[same] = name
         extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
-        samples.append(Sample(sample=name, patient=row["patient"], slide=slide, format=fmt,
-                              counts=_resolve(row.get("counts", ""), root),
-                              positions=_resolve(row.get("positions", ""), root), mpp=mpp, extra=extra))
+        samples.append(Sample(sample=name, patient=row["patient"], slide=slide, format=fmt, counts=counts,
+                              positions=_resolve(row.get("positions", ""), root), mpp=mpp, slide_scale=scale,
+                              array_pitch_um=pitch, hest_id=row.get("hest_id", ""), extra=extra))
     return samples
+
+
+def _positive(row: dict, key: str, line_no: int, path, name: str) -> float | None:
+    """An optional positive number column (empty: None)."""
+    if not row.get(key):
+        return None
+    try:
+        value = float(row[key])
+    except ValueError:
+        raise InputError(f"line {line_no}: {key} {row[key]!r} is not a number", file=path, sample=name) from None
+    if not value > 0:
+        raise InputError(f"line {line_no}: {key} must be positive, got {value}", file=path, sample=name)
+    return value

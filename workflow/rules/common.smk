@@ -10,6 +10,7 @@ REPO = Path(workflow.basedir).resolve()
 # not installed (as under --use-conda).
 sys.path.insert(0, str(REPO))
 
+from m2ost.errors import InputError
 from m2ost.plan.samplesheet import read_sample_sheet
 from m2ost.plan.formats import slide_needs_conversion
 from m2ost.plan.splits import make_splits
@@ -23,16 +24,43 @@ SAMPLES = {s.sample: s for s in read_sample_sheet(config["samples"], DATA_ROOT)}
 ST_SAMPLES = [name for name, s in SAMPLES.items() if s.has_expression]
 HE_SAMPLES = [name for name, s in SAMPLES.items() if not s.has_expression]
 PLAIN_SLIDES = [name for name, s in SAMPLES.items() if slide_needs_conversion(s.slide)]
-SPLITS = {
-    s.name: s
-    for s in make_splits(
-        config["splits"]["scheme"],
-        {name: SAMPLES[name].patient for name in ST_SAMPLES},
-        spec=config["splits"]["explicit"],
-    )
-}
+# A model trained elsewhere (predict.model_path): every H&E-only sample is predicted with it and
+# nothing is trained.
+PREDICT_MODEL_FILE = config["predict"]["model_path"]
+# Splits are needed only to train and evaluate: a sheet of one slide still runs its data stages.
+try:
+    SPLITS = {
+        s.name: s
+        for s in make_splits(
+            config["splits"]["scheme"],
+            {name: SAMPLES[name].patient for name in ST_SAMPLES},
+            spec=config["splits"]["explicit"],
+        )
+    }
+    NO_SPLITS = ""
+except InputError as err:
+    SPLITS, NO_SPLITS = {}, str(err)
 # The model used for prediction on H&E-only slides is trained on every sample with expression.
 PREDICT_SPLIT = "all"
+
+
+def _announce_plan():
+    """Say at the start what will run: layered config files merge splits.explicit into the union
+    of their splits, so the list is printed for the user to check."""
+    say = lambda text: print(f"m2ost: {text}", file=sys.stderr)
+    if PREDICT_MODEL_FILE:
+        say(f"predicting {len(HE_SAMPLES)} H&E-only sample(s) with {PREDICT_MODEL_FILE}; training nothing")
+    elif SPLITS:
+        listed = "; ".join(f"{s.name} (train {','.join(s.train)} / test {','.join(s.test)})" for s in SPLITS.values())
+        say(f"{len(SPLITS)} split(s) of scheme {config['splits']['scheme']}: {listed}")
+    elif ST_SAMPLES:
+        say(f"no training or evaluation ({NO_SPLITS}); running the data stages")
+    if HE_SAMPLES and not PREDICT_MODEL_FILE and not ST_SAMPLES:
+        say("H&E-only samples need a model: set predict.model_path, or add samples with expression")
+
+
+if workflow.is_main_process:
+    _announce_plan()
 
 
 def _alternatives(names):
@@ -65,6 +93,19 @@ def scalefactors_arg(wildcards, input):
     return f"--scalefactors {shlex.quote(input.scalefactors)}" if "scalefactors" in input.keys() else ""
 
 
+def geometry_args(wildcards):
+    """How the spot centres reach the slide's pixels (slide_scale, or Space Ranger's hires/lowres
+    image) and the array's pitch: sample sheet values, so a change reruns the stage."""
+    s = SAMPLES[wildcards.sample]
+    args = []
+    if s.scale_source:
+        args += ["--slide-scale", s.scale_source]
+    pitch = s.array_pitch_um or config["spots"]["array_pitch_um"]
+    if pitch:
+        args += ["--array-pitch-um", str(pitch)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
 def readable_slide(wildcards):
     """The slide the tiler reads: converted pyramid for plain images, else the original."""
     if wildcards.sample in PLAIN_SLIDES:
@@ -94,24 +135,33 @@ def pairs(samples, kind):
     return " ".join(shlex.quote(f"{s}={pattern.format(s)}") for s in samples)
 
 
+DATA_SUMMARY = "results/qc/data_summary.tsv"
+
+
 def data_targets():
-    return bundle_files(SAMPLES) + expression_files(ST_SAMPLES)
+    """Bundles, expression and the data-quality table: what any sheet can run."""
+    return bundle_files(SAMPLES) + expression_files(ST_SAMPLES) + ([DATA_SUMMARY] if ST_SAMPLES else [])
 
 
 def demo_outputs():
-    """The files of the demo cohort: the slides and expression sources of the sample sheet."""
+    """The files of the demo cohort: the slides and expression sources of the sample sheet that
+    lie under data_root (a row may point anywhere else with an absolute path)."""
+    root = os.path.abspath(DATA_ROOT)
     files = []
     for s in SAMPLES.values():
         files.append(s.slide)
         if s.has_expression:
             files.extend(s.expression_files().values())
-    return sorted(set(files))
+    return sorted({f for f in files if os.path.abspath(f).startswith(root + os.sep)})
 
 
 def prepare_inputs(wildcards):
-    inputs = {"slide": SAMPLES[wildcards.sample].slide}
-    if SAMPLES[wildcards.sample].has_expression:
+    s = SAMPLES[wildcards.sample]
+    inputs = {"slide": s.slide}
+    if s.has_expression:
         inputs["spots"] = f"results/spots/{wildcards.sample}.tsv"
+        files = s.expression_files()
+        inputs.update({role: files[role] for role in ("scalefactors", "metadata") if role in files})
     return inputs
 
 
@@ -122,7 +172,11 @@ def prepare_args(wildcards, input):
         args += ["--mpp", str(s.mpp)]
     if s.has_expression:
         args += ["--spots", input.spots, "--format", s.format]
-    return " ".join(shlex.quote(a) for a in args)
+    if "scalefactors" in input.keys():
+        args += ["--scalefactors", input.scalefactors]
+    if "metadata" in input.keys():
+        args += ["--hest-metadata", input.metadata]
+    return " ".join(shlex.quote(a) for a in args) + " " + geometry_args(wildcards)
 
 
 def panel_settings():
@@ -165,7 +219,17 @@ def summary_files():
     return [f"results/metrics/{m}/{s}/summary.json" for m in config["models"] for s in SPLITS]
 
 
+def predict_model(wildcards):
+    """The model H&E-only slides are predicted with: predict.model_path, else trained on all."""
+    return PREDICT_MODEL_FILE or f"results/models/{config['predict']['model']}/{PREDICT_SPLIT}/model.pt"
+
+
 def all_targets():
-    targets = data_targets() + ["results/metrics/summary.tsv"]
-    targets += [f"results/predictions/{s}.h5ad" for s in HE_SAMPLES]
+    """Data stages always; evaluation when there are splits (and no model is given); predictions
+    where a model is given or can be trained."""
+    targets = data_targets()
+    if SPLITS and not PREDICT_MODEL_FILE:
+        targets.append("results/metrics/summary.tsv")
+    if PREDICT_MODEL_FILE or ST_SAMPLES:
+        targets += [f"results/predictions/{s}.h5ad" for s in HE_SAMPLES]
     return targets

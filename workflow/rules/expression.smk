@@ -41,3 +41,20 @@ rule panel:
     shell:
         "python -m m2ost panel --train {params.train} --other {params.other} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"
+
+
+rule data_summary:
+    input:
+        expression_files(ST_SAMPLES),
+    output:
+        report(DATA_SUMMARY, caption="../report/data_summary.rst", category="Data quality"),
+    params:
+        expression=pairs(ST_SAMPLES, "expression"),
+        low=config["expression"]["low_library_fraction"],
+    log:
+        "logs/data_summary/data_summary.log",
+    conda:
+        "../../envs/expression.yaml"
+    shell:
+        "python -m m2ost data-summary --expression {params.expression} --low-fraction {params.low} "
+        "--out {output:q} 2> {log}"

@@ -99,7 +99,7 @@ rule grid_spots:
 
 rule predict:
     input:
-        model=f"results/models/{config['predict']['model']}/{PREDICT_SPLIT}/model.pt",
+        model=predict_model,
         bundle="results/bundles/{sample}.h5",
     output:
         h5ad="results/predictions/{sample}.h5ad",

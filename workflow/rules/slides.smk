@@ -12,13 +12,14 @@ rule spots:
         fmt=lambda w: SAMPLES[w.sample].format,
         flag="" if config["spots"]["in_tissue_only"] else "--keep-off-tissue",
         scalefactors=scalefactors_arg,
+        geometry=geometry_args,
     log:
         "logs/spots/{sample}.log",
     conda:
         "../../envs/slides.yaml"
     shell:
         "python -m m2ost spots --sample {wildcards.sample} --format {params.fmt} --positions {input.positions:q} "
-        "{params.scalefactors} {params.flag} --out {output:q} 2> {log}"
+        "{params.scalefactors} {params.geometry} {params.flag} --out {output:q} 2> {log}"
 
 
 rule prepare_slide:
@@ -31,13 +32,14 @@ rule prepare_slide:
     params:
         args=prepare_args,
         mpp=lambda w: SAMPLES[w.sample].mpp,
+        settings=as_json({"mpp_range": config["slides"]["mpp_range"]}),
     log:
         "logs/prepare_slide/{sample}.log",
     conda:
         "../../envs/slides.yaml"
     shell:
         "python -m m2ost prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
-        "--out {output:q} 2> {log}"
+        "--settings {params.settings:q} --out {output:q} 2> {log}"
 
 
 rule convert_slide:
@@ -71,7 +73,7 @@ rule tile:
     output:
         "results/bundles/{sample}.h5",
     params:
-        settings=as_json({"views": config["views"]}),
+        settings=as_json({"views": config["views"], **{k: config["tiling"][k] for k in ("max_upscale", "allow_upscale")}}),
     threads: config["tiling"]["threads"]
     resources:
         mem_mb=2000,
