@@ -47,7 +47,7 @@ def hest_sample(root, sample_id: str, *, size: int = 1400, mpp: float = 0.5, bla
     root = Path(root)
     for folder in ("st", "wsis", "metadata"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    grid = visium_hex(4, 6, mpp, origin_px=size / 2 - 500)
+    grid = visium_hex(4, 6, mpp, origin_px=(size - 1100 * 0.5 / mpp) / 2)
     n = len(grid)
     grid["in_tissue"] = 1
     grid.index = pd.Index([f"{'ACGT'[i % 4]}{i:04d}GATC-1" for i in range(n)])
