@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from realdata import her2st_files, needs_her2st
 from robustness_helpers import (assert_cli_error, grid_spots, leftovers, pyramid_slide, run_m2ost, slide_info,
                                 tissue_image, visium_outs)
 from user_data import hest_sample, hires_png, write_sheet
@@ -280,3 +281,34 @@ def test_sheet_columns_for_downscaled_images_pitch_and_absolute_paths(tmp_path):
 
     with pytest.raises(InputError, match=r"0 < slide_scale <= 1\), got 2.0"):
         read_sample_sheet(sheet, tmp_path)
+
+
+# =============================================================================================
+# 5. Data quality a user should see (real HER2+ sections)
+# =============================================================================================
+
+@needs_her2st
+def test_data_summary_flags_the_low_library_section_b4(tmp_path):
+    """Expression of B4, C2 and C3 as the workflow builds it, then ``m2ost data-summary``: one line
+    per sample on stdout (spots kept and dropped, median library size, genes detected) and a
+    warning for B4, whose median library size is under a fifth of the cohort's."""
+    from m2ost.data import expression, spots
+
+    pairs = []
+    for section in ("B4", "C2", "C3"):
+        files = her2st_files(section)
+        table = spots.read_positions("legacy_st", files["positions"], section)
+        expression.build_expression(section, "legacy_st", files["counts"], table, tmp_path / f"{section}.h5ad")
+        pairs.append(f"{section}={tmp_path / f'{section}.h5ad'}")
+    proc = run_m2ost(["data-summary", "--expression", *pairs, "--out", tmp_path / "qc.tsv"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "qc.tsv", sep="\t").set_index("sample")
+    assert table.loc["B4", "median_library_size"] < 0.2 * table.loc[["C2", "C3"], "median_library_size"].min()
+    assert (table["spots_kept"] + table["dropped_low_counts"] + table["dropped_no_counts"]
+            == table["spots_in_table"]).all()
+    assert (table["genes_detected"] > 10000).all()
+    assert re.search(r"WARNING .*B4: median library size \d+ is under 20% of the cohort median \d+", proc.stderr)
+    assert "C2: median library size" not in proc.stderr
+    shown = proc.stdout.splitlines()
+    assert shown[0].startswith("m2ost: data quality per sample") and len(shown) == 2 + 3
+    assert re.match(r"\s*B4\s+\d+\s+\d+", shown[2])
