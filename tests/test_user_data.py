@@ -15,10 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-
 from realdata import her2st_files, needs_her2st
-from robustness_helpers import (assert_cli_error, grid_spots, leftovers, pyramid_slide, run_m2ost, slide_info,
-                                tissue_image, visium_outs)
+from robustness_helpers import (
+    assert_cli_error,
+    grid_spots,
+    leftovers,
+    pyramid_slide,
+    run_m2ost,
+    slide_info,
+    tissue_image,
+    visium_outs,
+)
 from user_data import hest_sample, hires_png, write_sheet
 
 from m2ost.plan.samplesheet import read_sample_sheet

@@ -14,7 +14,6 @@ import re
 import pytest
 import tifffile
 import yaml
-
 from realdata import SVS
 from robustness_helpers import tissue_image, visium_outs
 from user_data import hest_sample, write_sheet

@@ -240,7 +240,8 @@ def test_changed_counts_rerun_that_sample_and_its_dependents_only(fast_run, tmp_
         data[0] = data[0] + 1  # one more read of one gene in one spot
     planned = dry_run(wd)
     # P1_S1 trains s1 and the prediction split 'all'; it is in no split's test set.
-    expected = {job("expression", sample="P1_S1"), job("panel", split="s1"), job("panel", split="all")}
+    expected = {job("expression", sample="P1_S1"), job("panel", split="s1"), job("panel", split="all"),
+                job("data_summary")}
     expected |= model_jobs(MODELS, ["s1"])
     assert_plan(planned, expected)
     assert not {rule for rule, _ in planned} & {"tile", "spots", "prepare_slide", "demo_cohort"}
@@ -297,7 +298,7 @@ def test_changed_qc_reruns_expression_but_not_tiling(fast_run, tmp_path):
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
     expected = {job("expression", sample=s) for s in ST} | {job("panel", split=s) for s in SPLITS + ["all"]}
-    assert_plan(planned, expected | model_jobs(MODELS, SPLITS))
+    assert_plan(planned, expected | {job("data_summary")} | model_jobs(MODELS, SPLITS))
 
 
 def test_changed_prediction_settings_rerun_prediction_only(fast_run, tmp_path):
@@ -333,7 +334,7 @@ def test_added_sample_runs_its_data_stages_and_only_the_splits_it_joins(fast_run
 
     planned = dry_run(wd, write_config(tmp_path / "config.yaml", change))
     expected = {job(rule, sample="P4_S1") for rule in ("spots", "prepare_slide", "tile", "expression")}
-    expected |= {job("panel", split="s2"), job("panel", split="all")} | model_jobs(MODELS, ["s2"])
+    expected |= {job("panel", split="s2"), job("panel", split="all"), job("data_summary")} | model_jobs(MODELS, ["s2"])
     assert_plan(planned, expected)
     assert not [j for j in planned if ("split", "s1") in j[1]]
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-
 from robustness_helpers import pyramid_slide, tissue_image
 
 

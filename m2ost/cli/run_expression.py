@@ -6,8 +6,8 @@ import logging
 
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.data.expression import build_expression
-from m2ost.data.quality import quality_table, write_quality_table
 from m2ost.data.panel import select_panel, write_panel
+from m2ost.data.quality import quality_table, write_quality_table
 from m2ost.data.spots import read_spots
 from m2ost.eval.summary import aggregate
 from m2ost.provenance import provenance

@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 
-from m2ost.data.resolution import MPP_RANGE, check_plausible, estimate_mpp_from_grid, reconcile
-from m2ost.data.spots import SPOT_DIAMETER_FULLRES_UM, read_spots, read_visium_scalefactors, slide_scale_factor
+from m2ost.data.resolution import (
+    MPP_RANGE,
+    check_plausible,
+    estimate_mpp_from_grid,
+    reconcile,
+)
+from m2ost.data.spots import (
+    SPOT_DIAMETER_FULLRES_UM,
+    read_spots,
+    read_visium_scalefactors,
+    slide_scale_factor,
+)
 from m2ost.errors import InputError
 from m2ost.plan.formats import TIFF_EXTENSIONS
 
@@ -159,7 +168,8 @@ def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, she
         array_pitch_um = read_hest_metadata(hest_metadata, sample).get("inter_spot_dist") or None
     extra = extra_mpp_sources(sample, fmt, scalefactors=scalefactors, slide_scale=slide_scale,
                               hest_metadata=hest_metadata)
-    choose = dict(override_name=override_name, extra=extra, pitch_um=array_pitch_um, mpp_range=tuple(mpp_range))
+    choose = {"override_name": override_name, "extra": extra, "pitch_um": array_pitch_um,
+              "mpp_range": tuple(mpp_range)}
     if converted_path:
         from m2ost.data.pyramid import convert_to_pyramid
 

@@ -96,14 +96,18 @@ def scalefactors_arg(wildcards, input):
 def geometry_args(wildcards):
     """How the spot centres reach the slide's pixels (slide_scale, or Space Ranger's hires/lowres
     image) and the array's pitch: sample sheet values, so a change reruns the stage."""
-    s = SAMPLES[wildcards.sample]
+    return " ".join(shlex.quote(a) for a in _geometry(wildcards.sample))
+
+
+def _geometry(sample):
+    s = SAMPLES[sample]
     args = []
     if s.scale_source:
         args += ["--slide-scale", s.scale_source]
     pitch = s.array_pitch_um or config["spots"]["array_pitch_um"]
     if pitch:
         args += ["--array-pitch-um", str(pitch)]
-    return " ".join(shlex.quote(a) for a in args)
+    return args
 
 
 def readable_slide(wildcards):
@@ -152,7 +156,7 @@ def demo_outputs():
         files.append(s.slide)
         if s.has_expression:
             files.extend(s.expression_files().values())
-    return sorted({f for f in files if os.path.abspath(f).startswith(root + os.sep)})
+    return sorted({f for f in files if os.path.commonpath([root, os.path.abspath(f)]) == root})
 
 
 def prepare_inputs(wildcards):
@@ -176,7 +180,8 @@ def prepare_args(wildcards, input):
         args += ["--scalefactors", input.scalefactors]
     if "metadata" in input.keys():
         args += ["--hest-metadata", input.metadata]
-    return " ".join(shlex.quote(a) for a in args) + " " + geometry_args(wildcards)
+    args += _geometry(wildcards.sample)
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def panel_settings():

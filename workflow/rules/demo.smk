@@ -5,7 +5,7 @@ if config["demo"]["enabled"]:
         output:
             demo_outputs(),
         params:
-            out=DATA_ROOT,
+            out=lambda w: DATA_ROOT,
             seed=config["demo"]["seed"],
             settings=as_json({k: v for k, v in config["demo"].items() if k not in ("enabled", "seed")}),
         log:
