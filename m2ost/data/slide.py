@@ -165,7 +165,10 @@ def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, she
     if not os.path.isfile(slide_path):
         raise InputError("slide not found", file=slide_path, sample=sample)
     if hest_metadata and not array_pitch_um:
-        array_pitch_um = read_hest_metadata(hest_metadata, sample).get("inter_spot_dist") or None
+        try:  # HEST's inter_spot_dist (µm) is the array's pitch; absent or odd, the platform default holds
+            array_pitch_um = float(read_hest_metadata(hest_metadata, sample).get("inter_spot_dist")) or None
+        except (TypeError, ValueError):
+            array_pitch_um = None
     extra = extra_mpp_sources(sample, fmt, scalefactors=scalefactors, slide_scale=slide_scale,
                               hest_metadata=hest_metadata)
     choose = {"override_name": override_name, "extra": extra, "pitch_um": array_pitch_um,
