@@ -12,6 +12,7 @@ from m2ost.data import bundle
 from m2ost.data import slide
 from m2ost.data import spots
 from m2ost.data import tiling
+from m2ost.data.tiling import parallel as tiling_parallel
 from m2ost.errors import InputError
 from realdata import HER2ST_SECTIONS, SVS, her2st_files, needs_her2st, needs_svs
 
@@ -175,7 +176,7 @@ def test_interrupted_tiling_leaves_no_bundle(tmp_path, monkeypatch):
     table = pd.DataFrame({"spot_id": [f"s{i}" for i in range(40)], "x": np.linspace(100, 600, 40),
                           "y": np.full(40, 384.0), "array_row": np.nan, "array_col": np.nan})
     calls = {"n": 0}
-    real = tiling.read_view
+    real = tiling_parallel.read_view
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -183,11 +184,11 @@ def test_interrupted_tiling_leaves_no_bundle(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tiling, "read_view", dying)
+    monkeypatch.setattr(tiling_parallel, "read_view", dying)
     with pytest.raises(KeyboardInterrupt):
         tiling.tile_slide("syn", path, table, 0.5, [tiling.View(32, fov_um=32)], tmp_path / "b.h5", progress=False)
     assert list(tmp_path.glob("*.h5")) == []
-    monkeypatch.setattr(tiling, "read_view", real)
+    monkeypatch.setattr(tiling_parallel, "read_view", real)
     tiling.tile_slide("syn", path, table, 0.5, [tiling.View(32, fov_um=32)], tmp_path / "b.h5", progress=False)
     assert bundle.verify_bundle(tmp_path / "b.h5")["n_spots"] == 40
 
