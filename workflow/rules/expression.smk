@@ -4,9 +4,9 @@
 rule expression:
     input:
         counts=lambda w: source_file(w.sample, "counts"),
-        spots="results/spots/{sample}.tsv",
+        spots=outputs.SPOTS,
     output:
-        "results/expression/{sample}.h5ad",
+        outputs.EXPRESSION,
     params:
         fmt=lambda w: SAMPLES[w.sample].format,
         settings=as_json(config["expression"]),
@@ -29,7 +29,7 @@ rule panel:
         other=lambda w: expression_files(split_samples(w.split)[1]),
         genes=panel_settings()["list_file"] or [],
     output:
-        "results/genes/{split}.txt",
+        outputs.PANEL,
     params:
         train=lambda w: pairs(split_samples(w.split)[0], "expression"),
         other=lambda w: pairs(split_samples(w.split)[1], "expression"),

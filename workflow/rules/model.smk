@@ -4,13 +4,13 @@ rule train:
     input:
         bundles=lambda w: bundle_files(split_samples(w.split)[0]),
         expression=lambda w: expression_files(split_samples(w.split)[0]),
-        genes="results/genes/{split}.txt",
+        genes=outputs.PANEL,
     output:
-        "results/models/{model}/{split}/model.pt",
+        outputs.MODEL,
     params:
         bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
-        settings=lambda w: as_json(train_settings(w.model)),
+        settings=lambda w: as_json(train_settings(w.model, config)),
         launcher=train_launcher,
         out_dir=lambda w, output: os.path.dirname(output[0]),
     threads: 2
@@ -30,15 +30,15 @@ rule train:
 
 rule evaluate:
     input:
-        model="results/models/{model}/{split}/model.pt",
+        model=outputs.MODEL,
         bundles=lambda w: bundle_files(split_samples(w.split)[1]),
         expression=lambda w: expression_files(split_samples(w.split)[1]),
     output:
-        summary="results/metrics/{model}/{split}/summary.json",
-        predictions="results/metrics/{model}/{split}/predictions.h5ad",
-        per_gene=directory("results/metrics/{model}/{split}/per_gene"),
+        summary=outputs.evaluation("summary"),
+        predictions=outputs.evaluation("predictions"),
+        per_gene=directory(outputs.evaluation("per_gene")),
         figures=report(
-            directory("results/metrics/{model}/{split}/figures"),
+            directory(outputs.evaluation("figures")),
             patterns=["{name}.png"],
             caption="../report/evaluation.rst",
             category="Evaluation",
@@ -48,7 +48,7 @@ rule evaluate:
     params:
         bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
-        settings=as_json(eval_settings()),
+        settings=as_json(eval_settings(config)),
         out_dir=lambda w, output: os.path.dirname(output.summary),
     threads: 2
     resources:
@@ -70,7 +70,7 @@ rule summary:
     input:
         summary_files(),
     output:
-        report("results/metrics/summary.tsv", caption="../report/summary.rst", category="Summary"),
+        report(outputs.SUMMARY_TABLE, caption="../report/summary.rst", category="Summary"),
     log:
         "logs/summary/summary.log",
     conda:
@@ -81,13 +81,13 @@ rule summary:
 
 rule grid_spots:
     input:
-        info="results/slides/{sample}.json",
+        info=outputs.SLIDE_INFO,
     output:
-        "results/spots/{sample}.tsv",
+        outputs.SPOTS,
     wildcard_constraints:
         sample=_alternatives(HE_SAMPLES),
     params:
-        settings=as_json({k: config["predict"][k] for k in ("spot_spacing_um", "min_tissue_fraction")}),
+        settings=as_json(grid_settings(config)),
     log:
         "logs/grid_spots/{sample}.log",
     conda:
@@ -99,15 +99,15 @@ rule grid_spots:
 
 rule predict:
     input:
-        model=f"results/models/{config['predict']['model']}/{PREDICT_SPLIT}/model.pt",
-        bundle="results/bundles/{sample}.h5",
+        model=outputs.MODEL.format(model=config["predict"]["model"], split=PREDICT_SPLIT),
+        bundle=outputs.BUNDLE,
     output:
-        h5ad="results/predictions/{sample}.h5ad",
-        png=report("results/predictions/{sample}.png", caption="../report/prediction.rst", category="Prediction"),
+        h5ad=outputs.PREDICTION,
+        png=report(outputs.PREDICTION_MAP, caption="../report/prediction.rst", category="Prediction"),
     wildcard_constraints:
         sample=_alternatives(HE_SAMPLES),
     params:
-        settings=as_json(predict_settings()),
+        settings=as_json(predict_settings(config)),
     threads: 2
     resources:
         mem_mb=8000,

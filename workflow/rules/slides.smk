@@ -5,7 +5,7 @@ rule spots:
     input:
         unpack(spots_inputs),
     output:
-        "results/spots/{sample}.tsv",
+        outputs.SPOTS,
     wildcard_constraints:
         sample=_alternatives(ST_SAMPLES),
     params:
@@ -25,7 +25,7 @@ rule prepare_slide:
     input:
         unpack(prepare_inputs),
     output:
-        "results/slides/{sample}.json",
+        outputs.SLIDE_INFO,
     wildcard_constraints:
         sample=_alternatives(set(SAMPLES) - set(PLAIN_SLIDES)),
     params:
@@ -44,8 +44,8 @@ rule convert_slide:
     input:
         unpack(prepare_inputs),
     output:
-        info="results/slides/{sample}.json",
-        pyramid="results/slides/{sample}.tif",
+        info=outputs.SLIDE_INFO,
+        pyramid=outputs.PYRAMID,
     wildcard_constraints:
         sample=_alternatives(PLAIN_SLIDES),
     params:
@@ -66,10 +66,10 @@ rule convert_slide:
 rule tile:
     input:
         slide=readable_slide,
-        info="results/slides/{sample}.json",
-        spots="results/spots/{sample}.tsv",
+        info=outputs.SLIDE_INFO,
+        spots=outputs.SPOTS,
     output:
-        "results/bundles/{sample}.h5",
+        outputs.BUNDLE,
     params:
         settings=as_json({"views": config["views"]}),
     threads: config["tiling"]["threads"]
