@@ -208,3 +208,24 @@ def test_format_1_bundles_with_blake2b_digests_still_verify(tmp_path):
         f["spot_digest"][:] = [spot_digest([v[i] for v in d["views"]]) for i in range(6)]
     with pytest.raises(InputError, match=r"sample S.*does not match its stored digest"):
         load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
+
+
+def test_format_2_bundles_with_centres_under_coords_still_load(tmp_path):
+    """Format 3 moved the spot centres to ``centers`` (``coords`` is now HEST's top-left corner);
+    a format-2 bundle, which held the centres under ``coords``, gives the same spots."""
+    from synthetic import write_bundle
+
+    d = make_sample(tmp_path, "S", n_spots=9)
+    old = write_bundle(tmp_path / "old" / "S.h5", "S", d["views"], d["coords"], d["barcodes"], format_version=2)
+    with h5py.File(old) as f:
+        assert "centers" not in f and f.attrs["format_version"] == 2
+    with h5py.File(d["bundle"]) as f:  # format 3: the corner of the 55-µm view 0 at 0.5 µm/px
+        assert np.array_equal(f["coords"][:], np.asarray(d["coords"]) - 55)
+    new_sample = load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
+    old_sample = load_sample(old, d["expression"], panel_genes(), sample="S")
+    assert np.array_equal(new_sample.centers, np.asarray(d["coords"], float)[new_sample.rows])
+    assert np.array_equal(old_sample.centers, new_sample.centers)
+    with h5py.File(d["bundle"], "r+") as f:  # a format-3 bundle without its centres is refused
+        del f["centers"]
+    with pytest.raises(InputError, match=r"sample S.*dataset centers missing"):
+        load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")

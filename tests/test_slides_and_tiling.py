@@ -57,10 +57,14 @@ def test_view0_matches_crop_of_original_jpeg(b4):
     original = np.asarray(Image.open(b4["image"]).convert("RGB"))
     with h5py.File(b4["bundle"]) as f:
         view0 = f["view_0"][:]
-        coords = f["coords"][:]
+        centers = f["centers"][:]
+        corners = f["coords"][:]
+        assert f["coords"].attrs["patch_size_level0"] == 224
         assert abs(f.attrs["mpp"] - 0.69) / 0.69 < 0.05
-    for k in range(len(coords)):
-        x, y = coords[k]
+    # HEST's coords: view 0's top-left corner (the centre rounded apart from the corner: 1 px at most)
+    assert np.abs(corners - (centers - 112)).max() <= 1
+    for k in range(len(centers)):
+        x, y = centers[k]
         crop = original[y - 112:y + 112, x - 112:x + 112].astype(float)
         diff = np.abs(view0[k].astype(float) - crop).mean()
         assert diff < 6, f"spot {k}: view 0 differs from the JPEG crop by {diff:.1f} grey levels"

@@ -151,7 +151,7 @@ def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict) -
         X=np.concatenate([p for _, p, _ in blocks]).astype(np.float32), obs=obs, var=var,
         layers={"measured": np.concatenate([d.targets for d, _, _ in blocks])
                 .astype(np.float32)},
-        obsm={"spatial": np.concatenate([d.coords for d, _, _ in blocks])})
+        obsm={"spatial": np.concatenate([d.centers for d, _, _ in blocks])})
     adata.uns["m2ost"] = json.dumps(jsonable({k: result[k] for k in
                                                ("model", "kind", "split", "test_samples",
                                                 "provenance")}), sort_keys=True)

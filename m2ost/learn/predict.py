@@ -54,7 +54,7 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                        index=pd.Index(data.spot_ids.astype(str), name="spot"))
     adata = anndata.AnnData(X=pred.astype(np.float32), obs=obs,
                             var=pd.DataFrame(index=pd.Index(predictor.genes, name="gene")),
-                            obsm={"spatial": data.coords})
+                            obsm={"spatial": data.centers})
     adata.uns["m2ost"] = json.dumps(provenance({"model_file": str(model_file),
                                                 "model_fingerprint":
                                                     predictor.meta.get("fingerprint"),

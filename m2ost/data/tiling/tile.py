@@ -12,7 +12,7 @@ from tqdm import tqdm
 from m2ost.data.bundle import BundleWriter
 from m2ost.data.slide import open_slide
 from m2ost.data.tiling.parallel import iter_chunks
-from m2ost.data.tiling.views import View, plan_views
+from m2ost.data.tiling.views import View, plan_views, view_origin
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,11 @@ def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], ou
              "slide_width": int(dims[0]), "slide_height": int(dims[1])}
     padded_any = 0
     stats: dict = {}
-    with BundleWriter(out_path, spots["spot_id"].astype(str).tolist(), np.round(xy).astype(np.int64),
-                      [p.size_px for p in plans], attrs, provenance) as writer:
+    # HEST's coords: the top-left corner of view 0, exactly where the reader starts it.
+    corners = np.array([view_origin(cx, cy, plans[0])[:2] for cx, cy in xy.tolist()], np.int64).reshape(-1, 2)
+    with BundleWriter(out_path, spots["spot_id"].astype(str).tolist(), np.round(xy).astype(np.int64), corners,
+                      [p.size_px for p in plans], attrs, provenance,
+                      patch_size_level0=int(round(plans[0].fov0))) as writer:
         bar = tqdm(total=len(xy), desc=f"tiling {sample}", unit="spot", disable=not progress, mininterval=2)
         chunks = iter_chunks(str(slide_path), xy, plans, workers, stats)
         for idx, arrays, padded, tissue, digests in _damaged_slide_is_input_error(chunks, slide_path, sample):
