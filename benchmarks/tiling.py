@@ -56,7 +56,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from common import REPO, SHARED_DATA, WORK, ensure_slide, hex_spots, load_average, machine_info, run_measured  # noqa: E402
+from common import SHARED_DATA, WORK, ensure_slide, hex_spots, load_average, machine_info, run_measured  # noqa: E402
 
 HER2ST_VIEWS = [{"fov_px": 224, "size_px": 224}, {"fov_px": 448, "size_px": 224}, {"fov_px": 896, "size_px": 224}]
 UM_VIEWS = [{"fov_um": 112, "size_px": 224}, {"fov_um": 224, "size_px": 224}, {"fov_um": 448, "size_px": 224}]
@@ -618,7 +618,8 @@ def main(argv: list[str] | None = None) -> None:
         if name.startswith("generated"):
             if naive and same:
                 x = same["rate"] / naive["rate"]
-                verdicts.append(f"tiler >= 10x naive (same spots, 1 worker): {x:.0f}x -> {'met' if x >= 10 else 'NOT met'}")
+                verdicts.append(f"tiler >= 10x naive (same spots, 1 worker): {x:.0f}x -> "
+                                f"{'met' if x >= 10 else 'NOT met'}")
             if t1 and f1:
                 x = t1["seconds"] / f1["seconds"]
                 verdicts.append(f"tiler <= 1.5x decode floor (1 worker vs 1 process, wall): {x:.2f}x "

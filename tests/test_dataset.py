@@ -163,16 +163,16 @@ def test_loader_workers_open_their_own_files(study):
     ds = SpotDataset(data, augment=AUG, seed=2)
     ds.set_epoch(3)
     ds[0]  # the parent opens a handle before forking
-    serial = [b for b in make_loader(ds, 8, workers=0)]
+    serial = list(make_loader(ds, 8, workers=0))
     loader = make_loader(ds, 8, workers=2)
-    parallel = [b for b in loader]
+    parallel = list(loader)
     for a, b in zip(serial, parallel):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     # the workers persist across epochs, yet draw the augmentations of the epoch set now
     ds.set_epoch(4)
-    again = [b for b in loader]
+    again = list(loader)
     ds.set_epoch(4)
-    serial4 = [b for b in make_loader(ds, 8, workers=0)]
+    serial4 = list(make_loader(ds, 8, workers=0))
     assert all(torch.equal(a[2], b[2]) for a, b in zip(again, serial4))
     assert not all(torch.equal(a[2], b[2]) for a, b in zip(again, parallel))
     ds.close()

@@ -78,7 +78,7 @@ def test_views_share_the_spot_centre(b4):
     with h5py.File(b4["bundle"]) as f:
         v0, v1, v2 = (f[f"view_{i}"][:].astype(float) for i in range(3))
     # The centre half of view 1 (448 px field) shows view 0's field at half the resolution.
-    for coarse, fine, factor in ((v1, v0, 2), (v2, v1, 2)):
+    for coarse, fine, _factor in ((v1, v0, 2), (v2, v1, 2)):
         centre = coarse[:, 56:168, 56:168]
         fine_small = np.stack([np.asarray(Image.fromarray(im.astype(np.uint8)).resize((112, 112), Image.BOX))
                                for im in fine]).astype(float)

@@ -13,7 +13,8 @@ def add_parsers(sub) -> None:
                     aliases=("demo",))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, help="random seed of the cohort (default: the workflow's demo.seed)")
-    p.add_argument("--settings", help="JSON: n_patients, slides_per_patient, n_genes, slide_um (default: the workflow's)")
+    p.add_argument("--settings",
+                   help="JSON: n_patients, slides_per_patient, n_genes, slide_um (default: the workflow's)")
 
     p = add_command(sub, "spots", f"{RUN}:spots", "read a spot position file into a spot table")
     p.add_argument("--sample", required=True, help="sample name (for messages)")
@@ -39,7 +40,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--sample", required=True, help="sample name (for messages)")
     p.add_argument("--slide-info", required=True, help="slide information from prepare-slide")
     p.add_argument("--spots", required=True, help="spot table")
-    p.add_argument("--settings", help="JSON: views [{fov_um|fov_px, size_px}], strategy (default: the workflow's views)")
+    p.add_argument("--settings",
+                   help="JSON: views [{fov_um|fov_px, size_px}], strategy (default: the workflow's views)")
     p.add_argument("--workers", type=int, help="reader processes (default: the workflow's tiling.threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="bundle (HDF5)")

@@ -100,7 +100,7 @@ class BundleWriter:
         self._tissue = np.zeros(self.n, np.float32)
         self._digest = np.zeros(self.n, np.uint64)
 
-    def __enter__(self) -> "BundleWriter":
+    def __enter__(self) -> BundleWriter:
         tmp = self._ctx.__enter__()
         self.h5 = h5py.File(tmp, "w")
         f = self.h5
@@ -211,8 +211,8 @@ def verify_bundle(path, sample: str | None = None) -> dict:
                 for k in range(blocks[0].shape[0]):
                     if spot_digest([b[k] for b in blocks], algorithm) != int(digests[start + k]):
                         raise InputError(f"spot {start + k} ({meta['spot_ids'][start + k]}) does not match its "
-                                         "stored digest: the bundle was modified or damaged; delete it and rerun tiling",
-                                         file=path, sample=sample)
+                                         "stored digest: the bundle was modified or damaged; delete it and rerun "
+                                         "tiling", file=path, sample=sample)
     except OSError as err:
         raise InputError(f"unreadable bundle ({err}); delete it and rerun tiling", file=path, sample=sample) from None
     return meta

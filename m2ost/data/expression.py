@@ -71,7 +71,7 @@ def read_h5ad_counts(path, sample=None):
         adata = anndata.read_h5ad(path)
     except Exception as err:
         raise _counts_error(f"cannot read h5ad: {type(err).__name__}: {err}".splitlines()[0], path, sample) from None
-    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    counts = adata.layers.get("counts", adata.X)
     out = anndata.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=pd.DataFrame(index=adata.obs_names),
                           var=pd.DataFrame(index=adata.var_names))
     return out

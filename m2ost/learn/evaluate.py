@@ -38,7 +38,7 @@ from m2ost.provenance import provenance
 def check_bundle(predictor: Predictor, info: dict, bundle, sample) -> None:
     """The bundle must offer the model's views at the size and field of view it was trained on."""
     ref = {"n_views": max(predictor.views) + 1,
-           "size_px": {v: predictor.img_size for v in predictor.views},
+           "size_px": dict.fromkeys(predictor.views, predictor.img_size),
            "fov_um": dict(zip(predictor.views, predictor.fov_um))}
     check_same_views(ref, info, predictor.views, bundle, sample, "the model's training data")
 

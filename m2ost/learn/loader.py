@@ -172,7 +172,7 @@ class SpotDataset(Dataset):
             self._view_sets[(os.getpid(), k)] = cached
         return cached
 
-    def __getitems__(self, indices: Sequence) -> "Batch":
+    def __getitems__(self, indices: Sequence) -> Batch:
         """A whole batch at once: ``(images (B, V, H, W, 3), targets (B, G), aug (B, 6))``.
 
         Equal to collating :meth:`__getitem__` item by item, but many times faster: the views

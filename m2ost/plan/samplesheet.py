@@ -90,9 +90,9 @@ def _raw_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise InputError("sample sheet not found", file=path)
     with open(path, newline="") as handle:
-        rows = [r for r in csv.DictReader(
+        rows = list(csv.DictReader(
             (line for line in handle if line.strip() and not line.startswith("#")),
-            delimiter="\t")]
+            delimiter="\t"))
     if not rows:
         raise InputError("sample sheet has no rows", file=path)
     return rows
@@ -157,7 +157,8 @@ def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".
             try:
                 mpp = float(row["mpp"])
             except ValueError:
-                raise InputError(f"line {line_no}: mpp {row['mpp']!r} is not a number", file=path, sample=name) from None
+                raise InputError(f"line {line_no}: mpp {row['mpp']!r} is not a number", file=path,
+                                 sample=name) from None
             if not mpp > 0:
                 raise InputError(f"line {line_no}: mpp must be positive, got {mpp}", file=path, sample=name)
         slide = _resolve(row["slide"], root)

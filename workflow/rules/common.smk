@@ -19,7 +19,6 @@ from m2ost.plan.samplesheet import read_sample_sheet, sheet_rows
 from m2ost.plan.settings import eval_settings, grid_settings, predict_settings, train_settings
 from m2ost.plan.splits import make_splits
 
-
 # Every shell command sees the repository's package, installed or not (as under --use-conda).
 # (Braces doubled twice: once for this f-string, once for Snakemake's formatting of the command.)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(str(REPO))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")

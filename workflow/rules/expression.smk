@@ -7,17 +7,17 @@ rule expression:
         spots=outputs.SPOTS,
     output:
         outputs.EXPRESSION,
-    params:
-        fmt=lambda w: SAMPLES[w.sample].format,
-        settings=as_json(config["expression"]),
-    resources:
-        mem_mb=4000,
     log:
         "logs/expression/{sample}.log",
     benchmark:
         "benchmarks/results/expression/{sample}.tsv"
     conda:
         "../../envs/expression.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        fmt=lambda w: SAMPLES[w.sample].format,
+        settings=as_json(config["expression"]),
     shell:
         "python -m m2ost expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
         "--spots {input.spots:q} --settings {params.settings:q} --out {output:q} 2> {log}"
@@ -30,14 +30,14 @@ rule panel:
         genes=panel_settings()["list_file"] or [],
     output:
         outputs.PANEL,
-    params:
-        train=lambda w: pairs(split_samples(w.split)[0], "expression"),
-        other=lambda w: pairs(split_samples(w.split)[1], "expression"),
-        settings=as_json(panel_settings()),
     log:
         "logs/panel/{split}.log",
     conda:
         "../../envs/expression.yaml"
+    params:
+        train=lambda w: pairs(split_samples(w.split)[0], "expression"),
+        other=lambda w: pairs(split_samples(w.split)[1], "expression"),
+        settings=as_json(panel_settings()),
     shell:
         "python -m m2ost panel --train {params.train} --other {params.other} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"

@@ -1,5 +1,6 @@
 # Training, evaluation, the summary table, and prediction on H&E-only slides.
 
+
 rule train:
     input:
         bundles=lambda w: bundle_files(split_samples(w.split)[0]),
@@ -7,22 +8,22 @@ rule train:
         genes=outputs.PANEL,
     output:
         outputs.MODEL,
-    params:
-        bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
-        expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
-        settings=lambda w: as_json(train_settings(w.model, config)),
-        launcher=train_launcher,
-        out_dir=lambda w, output: os.path.dirname(output[0]),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=720,
     log:
         "logs/train/{model}/{split}.log",
     benchmark:
         "benchmarks/results/train/{model}/{split}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    params:
+        bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
+        expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
+        settings=lambda w: as_json(train_settings(w.model, config)),
+        launcher=train_launcher,
+        out_dir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
         "--genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
@@ -45,21 +46,21 @@ rule evaluate:
             subcategory="{model}",
             labels={"model": "{model}", "split": "{split}", "figure": "{name}"},
         ),
-    params:
-        bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
-        expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
-        settings=as_json(eval_settings(config)),
-        out_dir=lambda w, output: os.path.dirname(output.summary),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
     log:
         "logs/evaluate/{model}/{split}.log",
     benchmark:
         "benchmarks/results/evaluate/{model}/{split}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
+        expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
+        settings=as_json(eval_settings(config)),
+        out_dir=lambda w, output: os.path.dirname(output.summary),
     shell:
         "python -m m2ost evaluate --model {input.model:q} --bundle {params.bundles} --expression {params.expression} "
         "--name {wildcards.model} --split {wildcards.split} --settings {params.settings:q} "
@@ -84,14 +85,14 @@ rule grid_spots:
         info=outputs.SLIDE_INFO,
     output:
         outputs.SPOTS,
-    wildcard_constraints:
-        sample=_alternatives(HE_SAMPLES),
-    params:
-        settings=as_json(grid_settings(config)),
     log:
         "logs/grid_spots/{sample}.log",
+    wildcard_constraints:
+        sample=_alternatives(HE_SAMPLES),
     conda:
         "../../envs/slides.yaml"
+    params:
+        settings=as_json(grid_settings(config)),
     shell:
         "python -m m2ost grid-spots --sample {wildcards.sample} --slide-info {input.info:q} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"
@@ -104,22 +105,20 @@ rule predict:
     output:
         h5ad=outputs.PREDICTION,
         png=report(outputs.PREDICTION_MAP, caption="../report/prediction.rst", category="Prediction"),
-    wildcard_constraints:
-        sample=_alternatives(HE_SAMPLES),
-    params:
-        settings=as_json(predict_settings(config)),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
     log:
         "logs/predict/{sample}.log",
     benchmark:
         "benchmarks/results/predict/{sample}.tsv"
+    wildcard_constraints:
+        sample=_alternatives(HE_SAMPLES),
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        settings=as_json(predict_settings(config)),
     shell:
         "python -m m2ost predict --model {input.model:q} --bundle {input.bundle:q} --sample {wildcards.sample} "
         "--settings {params.settings:q} --out {output.h5ad:q} --png {output.png:q} 2> {log}"
-
-

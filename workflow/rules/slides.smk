@@ -6,16 +6,16 @@ rule spots:
         unpack(spots_inputs),
     output:
         outputs.SPOTS,
+    log:
+        "logs/spots/{sample}.log",
     wildcard_constraints:
         sample=_alternatives(ST_SAMPLES),
+    conda:
+        "../../envs/slides.yaml"
     params:
         fmt=lambda w: SAMPLES[w.sample].format,
         flag="" if config["spots"]["in_tissue_only"] else "--keep-off-tissue",
         scalefactors=scalefactors_arg,
-    log:
-        "logs/spots/{sample}.log",
-    conda:
-        "../../envs/slides.yaml"
     shell:
         "python -m m2ost spots --sample {wildcards.sample} --format {params.fmt} --positions {input.positions:q} "
         "{params.scalefactors} {params.flag} --out {output:q} 2> {log}"
@@ -26,15 +26,15 @@ rule prepare_slide:
         unpack(prepare_inputs),
     output:
         outputs.SLIDE_INFO,
+    log:
+        "logs/prepare_slide/{sample}.log",
     wildcard_constraints:
         sample=_alternatives(set(SAMPLES) - set(PLAIN_SLIDES)),
+    conda:
+        "../../envs/slides.yaml"
     params:
         args=prepare_args,
         mpp=lambda w: SAMPLES[w.sample].mpp,
-    log:
-        "logs/prepare_slide/{sample}.log",
-    conda:
-        "../../envs/slides.yaml"
     shell:
         "python -m m2ost prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--out {output:q} 2> {log}"
@@ -46,18 +46,18 @@ rule convert_slide:
     output:
         info=outputs.SLIDE_INFO,
         pyramid=outputs.PYRAMID,
-    wildcard_constraints:
-        sample=_alternatives(PLAIN_SLIDES),
-    params:
-        args=prepare_args,
-        mpp=lambda w: SAMPLES[w.sample].mpp,
-        settings=as_json(config["slides"]),
     log:
         "logs/convert_slide/{sample}.log",
     benchmark:
         "benchmarks/results/convert_slide/{sample}.tsv"
+    wildcard_constraints:
+        sample=_alternatives(PLAIN_SLIDES),
     conda:
         "../../envs/slides.yaml"
+    params:
+        args=prepare_args,
+        mpp=lambda w: SAMPLES[w.sample].mpp,
+        settings=as_json(config["slides"]),
     shell:
         "python -m m2ost convert-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--converted {output.pyramid:q} --settings {params.settings:q} --out {output.info:q} 2> {log}"
@@ -70,18 +70,18 @@ rule tile:
         spots=outputs.SPOTS,
     output:
         outputs.BUNDLE,
-    params:
-        settings=as_json({"views": config["views"]}),
-    threads: config["tiling"]["threads"]
-    resources:
-        mem_mb=2000,
-        runtime=120,
     log:
         "logs/tile/{sample}.log",
     benchmark:
         "benchmarks/results/tile/{sample}.tsv"
     conda:
         "../../envs/slides.yaml"
+    threads: config["tiling"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    params:
+        settings=as_json({"views": config["views"]}),
     shell:
         "python -m m2ost tile --sample {wildcards.sample} --slide-info {input.info:q} --spots {input.spots:q} "
         "--settings {params.settings:q} --workers {threads} --no-progress --out {output:q} 2> {log}"

@@ -14,7 +14,7 @@ class View:
     fov_px: float | None = None
 
     @classmethod
-    def from_config(cls, entry: dict) -> "View":
+    def from_config(cls, entry: dict) -> View:
         return cls(size_px=int(entry["size_px"]), fov_um=entry.get("fov_um"), fov_px=entry.get("fov_px"))
 
     def level0_px(self, mpp: float) -> float:
