@@ -101,7 +101,7 @@ def test_evaluate_mean_baseline_writes_files(study, tmp_path):
 
     from m2ost.eval.summary import aggregate
     from m2ost.learn.evaluate import evaluate
-    from m2ost.learn.train import fit_model
+    from m2ost.learn.fit import fit_model
 
     fit_model("mean", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"],
               None, tiny_train_cfg(), tmp_path / "mean")
@@ -133,7 +133,7 @@ def test_aggregate_rows_and_model_means(tmp_path):
 
     files = []
     for model, split, pcc in [("m2ost", "s1", 0.2), ("m2ost", "s2", 0.4), ("ridge", "s1", 0.1)]:
-        mean = {k: 1.0 for k in SUMMARY_METRICS}
+        mean = dict.fromkeys(SUMMARY_METRICS, 1.0)
         mean["gene_pcc_mean"] = pcc
         path = tmp_path / f"{model}_{split}.json"
         path.write_text(json.dumps({"model": model, "kind": model, "split": split,

@@ -9,7 +9,7 @@
   the training spots, with the penalty chosen on the validation spots by mean per-gene Pearson.
 
 Both follow the harness interface of the neural models (:class:`Predictor`): fitted on the
-training spots of a split, they turn a :class:`~m2ost.learn.dataset.SpotDataset` into an
+training spots of a split, they turn a :class:`~m2ost.learn.loader.SpotDataset` into an
 (n_spots, n_genes) array, and they are saved to and loaded from the same ``model.pt`` format.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from m2ost.learn.dataset import SpotDataset, make_loader
+from m2ost.learn.loader import SpotDataset, make_loader
 from m2ost.errors import InputError
 from m2ost.eval.metrics import mean_gene_pcc
 
@@ -136,7 +136,7 @@ class MeanPredictor:
         return {"mean": torch.from_numpy(self.mean)}
 
     @classmethod
-    def from_state(cls, state: dict) -> "MeanPredictor":
+    def from_state(cls, state: dict) -> MeanPredictor:
         return cls(state["mean"].numpy())
 
 
@@ -221,7 +221,7 @@ class RidgePredictor:
                 "x_scale": t(self.x_scale), "coef": t(self.coef), "intercept": t(self.intercept)}
 
     @classmethod
-    def from_state(cls, state: dict) -> "RidgePredictor":
+    def from_state(cls, state: dict) -> RidgePredictor:
         r = cls(state["alphas"])
         r.alpha = state["alpha"]
         r.x_mean, r.x_scale = state["x_mean"].numpy(), state["x_scale"].numpy()
