@@ -254,7 +254,8 @@ def test_hest_sample_read_by_id_from_its_root(tmp_path):
     assert len(table) == h["n_spots"]
     err = _ok(run_m2ost(["prepare-slide", "--sample", "T1", "--slide", h["wsi"], "--spots", out / "T1.tsv",
                          "--format", "hest", "--hest-metadata", h["metadata"], "--out", out / "T1.json"]))
-    assert re.search(r"resolution sources agree: slide metadata 0.5000, HEST metadata 0.5000, hest spot grid 0.5\d+", err)
+    assert re.search(r"resolution sources agree: slide metadata 0.5000, HEST metadata 0.5000, "
+                     r"hest spot grid 0.5\d+", err)
     _ok(run_m2ost(["expression", "--sample", "T1", "--format", "hest", "--counts", h["st"], "--spots", out / "T1.tsv",
                    "--settings", json.dumps({"min_counts": 10}), "--out", out / "T1.h5ad"]))
     # A damaged metadata file is one error line naming it.
@@ -272,7 +273,8 @@ def test_sheet_columns_for_downscaled_images_pitch_and_absolute_paths(tmp_path):
     outside = tmp_path / "elsewhere" / "spatial" / "tissue_lowres_image.png"
     rows = [{"sample": "H", "patient": "P", "slide": "V/outs/spatial/tissue_hires_image.png", "format": "visium",
              "counts": "V/outs"},
-            {"sample": "L", "patient": "P", "slide": str(outside), "format": "visium", "counts": str(outside.parent.parent)},
+            {"sample": "L", "patient": "P", "slide": str(outside), "format": "visium",
+             "counts": str(outside.parent.parent)},
             {"sample": "S", "patient": "P", "slide": "s.png", "format": "legacy_st", "counts": "c.tsv",
              "positions": "p.tsv", "slide_scale": "0.5", "array_pitch_um": "100"},
             {"sample": "E", "patient": "P", "slide": "e.png"}]

@@ -48,13 +48,13 @@ rule data_summary:
         expression_files(ST_SAMPLES),
     output:
         report(outputs.DATA_SUMMARY, caption="../report/data_summary.rst", category="Data quality"),
-    params:
-        expression=pairs(ST_SAMPLES, "expression"),
-        low=config["expression"]["low_library_fraction"],
     log:
         "logs/data_summary/data_summary.log",
     conda:
         "../../envs/expression.yaml"
+    params:
+        expression=pairs(ST_SAMPLES, "expression"),
+        low=config["expression"]["low_library_fraction"],
     shell:
         "python -m m2ost data-summary --expression {params.expression} --low-fraction {params.low} "
         "--out {output:q} 2> {log}"
