@@ -24,9 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2ost.learn.dataset import SpotDataset, load_sample, make_loader, prepare_batch  # noqa: E402
-from m2ost.learn.device import autocast, pin_memory, resolve_device  # noqa: E402
-from m2ost.model import build_model, count_parameters  # noqa: E402
+from m2ost.learn.augment import prepare_batch
+from m2ost.learn.dataset import load_sample
+from m2ost.learn.device import autocast, pin_memory, resolve_device
+from m2ost.learn.loader import SpotDataset, make_loader
+from m2ost.model import build_model, count_parameters
 
 
 def sync(device: torch.device) -> None:
@@ -170,13 +172,22 @@ class Measure:
         self.save()
         print(json.dumps(row), flush=True)
 
+    def attempt(self, what: str, fn, *args) -> None:
+        """Run one measurement; an error is recorded and the next one goes on."""
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001  (e.g. shared memory too small for many workers)
+            self.result.setdefault("errors", []).append({"what": what, "error": f"{type(err).__name__}: {err}"})
+            self.save()
+            print(f"{what}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
     def run(self) -> None:
         a = self.args
         last = 0.0
         for b in a.batches:
             if self.time_left(f"eager batch {b}", last):
                 t = time.monotonic()
-                self.throughput(self.model, b, "eager")
+                self.attempt(f"eager batch {b}", self.throughput, self.model, b, "eager")
                 last = time.monotonic() - t
         if a.bundles:
             data = [load_sample(b, None, None, None, verify=False) for b in a.bundles]
@@ -184,21 +195,24 @@ class Measure:
             for b in a.loader_batches:
                 for w in a.loader_workers:
                     if self.time_left(f"loader batch {b} workers {w}", 0.5 * last):
-                        self.loader_wait(data, b, w)
+                        self.attempt(f"loader batch {b} workers {w}", self.loader_wait, data, b, w)
         compiled = torch.compile(self.model, backend=a.compile_backend, dynamic=False)
+        need = a.compile_estimate_s
         for b in a.compile_batches:
-            if self.time_left(f"compiled batch {b}", 2 * last):
+            if self.time_left(f"compiled batch {b}", need):
                 t = time.monotonic()
-                self.throughput(compiled, b, "compiled")
-                last = time.monotonic() - t
-        if a.compile_batches and self.time_left("compiled odd batch", last):
-            # the last batch of an epoch is usually smaller: what its recompilation costs
-            b = max(1, a.compile_batches[0] - 3)
-            t = time.perf_counter()
-            self.steps(compiled, b, True)()
-            sync(self.device)
-            self.result["recompile_odd_batch"] = {"batch": b, "first_call_s": round(time.perf_counter() - t, 2)}
+                self.attempt(f"compiled batch {b}", self.throughput, compiled, b, "compiled")
+                need = time.monotonic() - t
+        if a.compile_batches and self.time_left("compiled odd batch", 0.5 * need):
+            self.attempt("compiled odd batch", self.odd_batch, compiled, max(1, a.compile_batches[0] - 3))
         self.save()
+
+    def odd_batch(self, compiled, batch: int) -> None:
+        """The last batch of an epoch is usually smaller: what its recompilation costs."""
+        t = time.perf_counter()
+        self.steps(compiled, batch, True)()
+        sync(self.device)
+        self.result["recompile_odd_batch"] = {"batch": batch, "first_call_s": round(time.perf_counter() - t, 2)}
 
 
 def ints(text: str) -> list[int]:
@@ -215,6 +229,8 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=ints, default=[32, 64, 128, 256])
     p.add_argument("--compile-batches", type=ints, default=[64, 256])
     p.add_argument("--compile-backend", default="inductor", help="inductor; eager traces only (CPU tests)")
+    p.add_argument("--compile-estimate-s", type=float, default=90.0,
+                   help="time a first compiled measurement is assumed to take (compilation included)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
     p.add_argument("--bundles", nargs="*", default=[], help="bundles for the DataLoader measurement")

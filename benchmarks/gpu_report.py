@@ -52,14 +52,16 @@ def _f(v, digits=3) -> str:
 def tables(s: dict) -> str:
     m = s.get("machine", {})
     lines = ["# m2ost GPU run", "",
-             f"GPU {m.get('gpu')}, torch {m.get('torch')} (CUDA {m.get('cuda')}), Python {m.get('python')}, "
-             f"{m.get('cores')} cores, load {m.get('load')}; tiny setting: {s.get('tiny')}; "
-             f"budget {s.get('budget_s')} s, wall {s.get('wall_s')} s", "",
+             (f"GPU {m.get('gpu')}, torch {m.get('torch')} (CUDA {m.get('cuda')}), Python {m.get('python')}, "
+              f"{m.get('cores')} cores, load {m.get('load')}; tiny setting: {s.get('tiny')}; "
+              f"budget {s.get('budget_s')} s, wall {s.get('wall_s')} s"), "",
              "| phase | status | seconds | budget s | error |", "|---|---|---|---|---|"]
     for name, p in s.get("phases", {}).items():
         err = (p.get("error") or "").splitlines()[:1]
         lines.append(f"| {name} | {p.get('status')} | {p.get('seconds', '-')} | {p.get('budget_s')} | "
                      f"{err[0][:120] if err else ''} |")
+    if s.get("cuda_tests"):
+        lines += ["", f"tests/test_cuda_path.py: {s['cuda_tests']}"]
     lines += ["", "## Held-out per-gene Pearson", "",
               "| split | model | epochs run (asked) | best epoch | spots | gene PCC mean | top-50 | train s | eval s |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -72,15 +74,16 @@ def tables(s: dict) -> str:
                      f"{t.get('wall_s')} | {e.get('wall_s')} |")
     check = s.get("phases", {}).get("train", {}).get("torchrun_check")
     if check:
-        lines += ["", f"torchrun (1 process) first-epoch loss {check['torchrun_loss']:.6f}, plain run "
-                  f"{check['plain_loss']:.6f}: relative difference {check['rel_diff']:.2e} (same: {check['same']})"]
+        lines += ["", (f"torchrun (1 process) first-epoch loss {check['torchrun_loss']:.6f}, plain run "
+                       f"{check['plain_loss']:.6f}: relative difference {check['rel_diff']:.2e} "
+                       f"(same: {check['same']})")]
     meas = s.get("measure", {})
     if meas:
-        lines += ["", f"## Throughput: {meas.get('variant')} ({meas.get('params_m')} M parameters), "
-                  f"{meas.get('views')} views of {meas.get('img_size')} px, autocast {meas.get('autocast')}, "
-                  f"compile backend {meas.get('compile_backend')}", "",
-                  "| mode | batch | train spots/s | inference spots/s | train peak GiB | inference peak GiB "
-                  "| first train call s |", "|---|---|---|---|---|---|---|"]
+        lines += ["", (f"## Throughput: {meas.get('variant')} ({meas.get('params_m')} M parameters), "
+                       f"{meas.get('views')} views of {meas.get('img_size')} px, autocast {meas.get('autocast')}, "
+                       f"compile backend {meas.get('compile_backend')}"), "",
+                  ("| mode | batch | train spots/s | inference spots/s | train peak GiB | inference peak GiB "
+                   "| first train call s |"), "|---|---|---|---|---|---|---|"]
         eager = {}
         for r in meas.get("throughput", []):
             if r["mode"] == "eager":

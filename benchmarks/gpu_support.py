@@ -106,7 +106,7 @@ class Runner:
     def output(self, args: list[str], timeout: float = 120) -> str:
         """stdout of ``python args`` (small checks)."""
         res = subprocess.run([self.python, *args], capture_output=True, text=True, env=self.env,
-                             cwd=REPO, timeout=timeout)
+                             cwd=REPO, timeout=timeout, check=False)
         if res.returncode != 0:
             raise JobFailed(f"{' '.join(args[:3])}: {res.stderr.strip()[-1500:]}")
         return res.stdout
@@ -177,7 +177,7 @@ class Run:
             try:
                 record.update(fn(budget) or {})
                 record["status"] = "ok"
-            except Exception as err:  # every phase fails alone: the run goes on
+            except Exception as err:  # noqa: BLE001  (every phase fails alone: the run goes on)
                 record.update(status="failed", error=f"{type(err).__name__}: {err}"[-4000:])
                 if not isinstance(err, JobFailed):
                     record["traceback"] = traceback.format_exc()[-3000:]
@@ -185,6 +185,7 @@ class Run:
             self.say(f"phase {name}: {record['status']} in {record['seconds']} s"
                      + (f"\n{record['error']}" if record.get("error") else ""))
         self.summary["phases"][name] = record
+        self.summary.setdefault("phase_order", []).append(name)
         self.write_summary()
         return record
 

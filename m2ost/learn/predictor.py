@@ -30,10 +30,10 @@ def predict_network(model: torch.nn.Module, dataset: SpotDataset, device: torch.
             x = prepare_batch(images, device)
             with autocast(device):
                 y = model(x)
-            out.append(y.float().cpu().numpy())
+            out.append(y.float())  # kept on the device: one copy back at the end, no wait per batch
     if not out:
         return np.zeros((0, 0), np.float32)
-    return np.concatenate(out)
+    return torch.cat(out).cpu().numpy()
 
 
 
