@@ -219,7 +219,7 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="paper")
     p.add_argument("--views", type=int, default=3)
@@ -239,7 +239,11 @@ def main(argv=None) -> None:
     p.add_argument("--loader-steps", type=int, default=40)
     p.add_argument("--budget-s", type=float, default=300.0, help="skip what would end past this")
     p.add_argument("--json", required=True, help="output file")
-    m = Measure(p.parse_args(argv))
+    return p
+
+
+def main(argv=None) -> None:
+    m = Measure(parser().parse_args(argv))
     m.save()
     m.run()
 

@@ -141,3 +141,24 @@ def test_the_run_trains_with_the_workflows_settings():
     assert config["model"] == {"variant": "paper"} and [v["size_px"] for v in config["views"]] == [224] * 3
     assert [v["fov_px"] for v in config["views"]] == [224, 448, 896]
 
+
+@needs_her2st
+def test_the_gpu_setting_plans_the_paper_runs(tmp_path, monkeypatch):
+    """What the GPU machine will run, checked here: five sections, the paper's views, the four
+    trainings first, the measurement's arguments, and epochs sized to the budget."""
+    import gpu_measure
+    import gpu_run
+
+    monkeypatch.setattr(gpu_run, "TINY", False)
+    run = gpu_run.GpuRun(tmp_path / "out", SHARED_DATA, tmp_path / "work", sys.executable, 420)
+    assert sorted(run.samples) == ["B4", "C2", "C3", "C4", "C5"]
+    assert run.cfg["model"] == {"variant": "paper"} and run.cfg["train"]["batch_size"] == 64
+    assert {s: len(v["train"]) for s, v in run.splits.items()} == {
+        "loso-B4": 4, "lopo-C": 1, "loso-C2": 4, "loso-C3": 4, "loso-C4": 4, "loso-C5": 4}
+    assert "extra" in run.run.weights
+    args = gpu_measure.parser().parse_args([*gpu_run.GPU_MEASURE, "--json", "m.json"])
+    assert args.variant == "paper" and args.img_size == 224 and 512 in args.batches
+    run.calibration = {"epoch_s": 2.0, "startup_s": 20.0}
+    assert run.epochs_for(150, 4) == int((0.8 * 150 - 60) / (2.0 * 1.75))
+    assert run.epochs_for(10_000, 4) == 100 and run.epochs_for(10, 4) == 1
+
