@@ -229,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=ints, default=[32, 64, 128, 256])
     p.add_argument("--compile-batches", type=ints, default=[64, 256])
     p.add_argument("--compile-backend", default="inductor", help="inductor; eager traces only (CPU tests)")
-    p.add_argument("--compile-estimate-s", type=float, default=90.0,
+    p.add_argument("--compile-estimate-s", type=float, default=60.0,
                    help="time a first compiled measurement is assumed to take (compilation included)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")

@@ -44,7 +44,7 @@ from m2ost.plan.samplesheet import read_sample_sheet
 TINY = os.environ.get("M2OST_GPU_RUN_TINY", "") not in ("", "0")
 MAIN_SPLITS = ("loso-B4", "lopo-C")
 MAIN_JOBS = [("m2ost", "loso-B4"), ("m2ost_single", "loso-B4"), ("m2ost", "lopo-C"), ("m2ost_single", "lopo-C")]
-WEIGHTS = {"install": 30, "cuda_tests": 50, "data": 100, "ddp": 60, "train": 150, "measure": 110, "extra": 60}
+WEIGHTS = {"install": 30, "cuda_tests": 60, "data": 90, "ddp": 50, "train": 150, "measure": 140, "extra": 40}
 TINY_SETTINGS = {
     "sections": ["B4", "C2"], "spots": 24,
     "config": {"views": [{"fov_px": f, "size_px": 32} for f in (224, 448, 896)],
@@ -145,7 +145,7 @@ class GpuRun:
 
     # -- CUDA path tests -------------------------------------------------------------------------
     def cuda_tests(self, budget: float) -> dict:
-        args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_path.py",
+        args = ["-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda_path.py",
                 *(TINY_SETTINGS["cuda_tests"] if TINY else [])]
         try:
             self.runner.run("cuda_tests", args, budget, self.cores)

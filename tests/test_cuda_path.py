@@ -91,6 +91,19 @@ def test_normalisation_made_during_inference_serves_training(monkeypatch):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_the_regression_head_runs_in_fp32_under_bf16_autocast():
+    """Under autocast (bf16 on CUDA) the body runs in bf16 but the output is not rounded to bf16."""
+    torch.manual_seed(0)
+    model = build_model(dict(TINY_MODEL), 6, 3, 32).eval()
+    bias = torch.linspace(5.0, 5.01, 6)  # log1p-scale outputs 2e-3 apart; bf16 steps there are 1/32
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(bias)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(2, 3, 3, 32, 32))
+    assert y.dtype == torch.float32 and torch.equal(y, bias.expand(2, 6))
+
+
 def _spots(tmp_path: Path, n: int = 24) -> tuple[SpotDataset, dict]:
     d = make_sample(tmp_path, "S", n_spots=n)
     s = load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")

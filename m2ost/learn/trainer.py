@@ -318,8 +318,7 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
     cfg, ranks, device, optimizer = run.cfg, run.ranks, run.ranks.device, run.optimizer
     run.net.train()
     lr = optimizer.param_groups[0]["lr"]
-    totals = [0.0, 0]  # loss x spots, spots: over the steps read back so far
-    pending: list[tuple[torch.Tensor, int]] = []  # (loss on the device, spots) not yet read
+    totals, pending = [0.0, 0], []  # (loss x spots, spots) read back; (loss, spots) not yet read
     steps = len(run.loader)
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{int(cfg['epochs'])}", leave=False,
                disable=not (ranks.main and cfg["progress"]))
@@ -347,10 +346,9 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
 
 def _read_losses(run: _Run, pending: list, epoch: int, last_step: int, steps: int,
                  totals: list) -> None:
-    """Add the losses of the ``pending`` steps (the last one is ``last_step``), summed over the
-    ranks, to ``totals``; a non-finite one stops the run naming its step. The optimiser has
-    taken the steps after it by then, but nothing is saved before the epoch ends, so the last
-    checkpoint stays the last good one."""
+    """Add the ``pending`` steps' losses (the last step is ``last_step``), summed over the ranks,
+    to ``totals``; a non-finite one stops the run, naming its step. Nothing is saved before the
+    epoch ends, so the last checkpoint stays the last good one."""
     if not pending:
         return
     values = torch.stack([loss for loss, _ in pending]).tolist()  # one wait for the device
