@@ -326,7 +326,7 @@ class GpuRun:
             r.summary["machine"] = python_info(self.runner)
         except Exception as err:  # noqa: BLE001  (the run goes on without it)
             r.summary["machine"] = {"error": str(err)}
-        r.phase("install", self.install)
+        r.phase("install", self.install, at_least=60.0)  # everything after needs it
         r.phase("cuda_tests", self.cuda_tests)
         r.phase("data", self.data_phase)
         r.phase("ddp", self.ddp_phase)

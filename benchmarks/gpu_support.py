@@ -161,12 +161,13 @@ class Run:
         with open(self.log_file, "a") as f:
             f.write(line + "\n")
 
-    def phase(self, name: str, fn, min_s: float = 5.0):
-        """Run ``fn(budget_s)``; record status, seconds and its result (a dict) or error."""
+    def phase(self, name: str, fn, min_s: float = 5.0, at_least: float = 0.0):
+        """Run ``fn(budget_s)``; record status, seconds and its result (a dict) or error.
+        ``at_least``: seconds the phase gets whatever its share (what every later one needs)."""
         pending = [k for k in self.weights if k not in self.summary["phases"]]
         weight = self.weights.get(name, 1.0)
         share = weight / sum(self.weights[k] for k in pending) if name in pending else 1.0
-        budget = max(0.0, self.left() * share)
+        budget = max(0.0, min(self.left(), max(self.left() * share, at_least)))
         record = {"budget_s": round(budget, 1)}
         if budget < min_s:
             record.update(status="skipped", error=f"{budget:.0f} s left for it (needs {min_s:.0f})")
