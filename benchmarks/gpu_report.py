@@ -55,6 +55,7 @@ def tables(s: dict) -> str:
              (f"GPU {m.get('gpu')}, torch {m.get('torch')} (CUDA {m.get('cuda')}), Python {m.get('python')}, "
               f"{m.get('cores')} cores, load {m.get('load')}; tiny setting: {s.get('tiny')}; "
               f"budget {s.get('budget_s')} s, wall {s.get('wall_s')} s"), "",
+             "```", str(m.get("nvidia_smi", "")), "```", "",
              "| phase | status | seconds | budget s | error |", "|---|---|---|---|---|"]
     for name, p in s.get("phases", {}).items():
         err = (p.get("error") or "").splitlines()[:1]

@@ -206,4 +206,12 @@ def python_info(runner: Runner) -> dict:
             "'gpu_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None, "
             "'capability': list(torch.cuda.get_device_capability(0)) if c else None, "
             "'cores': len(os.sched_getaffinity(0)), 'load': os.getloadavg()}))")
-    return json.loads(runner.output(["-c", code]).strip().splitlines()[-1])
+    info = json.loads(runner.output(["-c", code]).strip().splitlines()[-1])
+    try:  # driver, clocks and power as the card was found (never changed here)
+        query = "name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu"
+        smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"],
+                             capture_output=True, text=True, timeout=20, check=False)
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        info["nvidia_smi"] = f"not run: {err}"
+    return info
