@@ -37,12 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_report import write_outputs
-from gpu_support import REPO, JobFailed, Run, Runner, load_config, python_info
+from gpu_support import REPO, JobFailed, Run, Runner, load_config, merge, python_info
 
 from m2ost.plan.samplesheet import read_sample_sheet
 
 TINY = os.environ.get("M2OST_GPU_RUN_TINY", "") not in ("", "0")
 MAIN_SPLITS = ("loso-B4", "lopo-C")
+VERSIONS = ("numpy", "pandas", "anndata", "scanpy", "zarr", "numcodecs", "h5py", "imagecodecs", "openslide-python",
+            "openslide-bin", "torch", "torchvision", "timm", "scipy", "tifffile", "xxhash", "einops", "PyYAML",
+            "pydantic", "scikit-image", "scikit-learn", "numba", "triton")
 MAIN_JOBS = [("m2ost", "loso-B4"), ("m2ost_single", "loso-B4"), ("m2ost", "lopo-C"), ("m2ost_single", "lopo-C")]
 WEIGHTS = {"install": 30, "cuda_tests": 60, "data": 90, "ddp": 50, "train": 150, "measure": 140, "extra": 40}
 TINY_SETTINGS = {
@@ -72,7 +75,6 @@ class GpuRun:
         files = [REPO / "config/her2st.yaml", REPO / "benchmarks/her2st_gpu.yaml"]
         cfg = load_config(*files)
         if TINY:
-            from gpu_support import merge
             cfg = merge(cfg, TINY_SETTINGS["config"])
             cfg["splits"]["explicit"] = TINY_SETTINGS["config"]["splits"]["explicit"]
         cfg["data_root"] = str(data / "her2st")
@@ -132,15 +134,21 @@ class GpuRun:
             out.update(machine_pandas=pandas, wheel_sets=chosen, wheels=[Path(f).name for f in files])
         else:
             out["wheels"] = "none carried: this Python's own packages"
-        check = ("import json, importlib.metadata as m, anndata, scanpy, numpy as np, pandas as pd, imagecodecs, "
-                 "openslide, h5py, torch; a = anndata.AnnData(np.ones((3, 2), np.float32), "
-                 "obs=pd.DataFrame({'s': ['a', 'b', 'c']}, index=['x', 'y', 'z'])); scanpy.pp.log1p(a); "
-                 f"a.write_h5ad({str(self.work / 'check.h5ad')!r}); "
-                 f"assert anndata.read_h5ad({str(self.work / 'check.h5ad')!r}).obs['s'].tolist() == ['a', 'b', 'c']; "
-                 "print(json.dumps({n: m.version(n) for n in ('numpy', 'pandas', 'anndata', 'scanpy', 'zarr', "
-                 "'h5py', 'imagecodecs', 'openslide-python', 'openslide-bin', 'torch', 'torchvision', 'timm', "
-                 "'scipy', 'tifffile', 'xxhash', 'einops', 'PyYAML')}))")
-        out["versions"] = json.loads(self.runner.output(["-c", check]).strip().splitlines()[-1])
+        # Versions first (kept even if the check below fails), then a check that the stack works.
+        versions = ("import json, importlib.metadata as m\n"
+                    "def version(name):\n    try:\n        return m.version(name)\n"
+                    "    except m.PackageNotFoundError:\n        return None\n"
+                    f"print(json.dumps({{n: version(n) for n in {VERSIONS!r}}}))")
+        self.run.summary["versions"] = json.loads(self.runner.output(["-c", versions]).strip().splitlines()[-1])
+        h5ad = str(self.work / "check.h5ad")
+        self.runner.output(["-c", f"""
+import anndata, h5py, imagecodecs, numpy as np, openslide, pandas as pd, scanpy, torch
+a = anndata.AnnData(np.ones((3, 2), np.float32), obs=pd.DataFrame({{"s": ["a", "b", "c"]}}, index=["x", "y", "z"]))
+scanpy.pp.log1p(a)
+a.write_h5ad({h5ad!r})
+assert anndata.read_h5ad({h5ad!r}).obs["s"].tolist() == ["a", "b", "c"]
+"""])
+        out["check"] = "anndata, scanpy, imagecodecs, openslide, h5py and torch import; an h5ad round trip works"
         return out
 
     # -- CUDA path tests -------------------------------------------------------------------------
