@@ -15,13 +15,9 @@ from scipy import ndimage as ndi
 
 openslide = pytest.importorskip("openslide")
 
+from m2ost.data.convert import convert_to_pyramid, read_plain_image  # noqa: E402
+from m2ost.data.pyramid import pyramid_shapes, write_pyramidal_tiff  # noqa: E402
 from m2ost.errors import InputError  # noqa: E402
-from m2ost.data.pyramid import (  # noqa: E402
-    convert_to_pyramid,
-    pyramid_shapes,
-    read_plain_image,
-    write_pyramidal_tiff,
-)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -162,7 +158,7 @@ def test_pil_limits_are_restored(tmp_path):
     before = Image.MAX_IMAGE_PIXELS
     Image.fromarray(smooth_rgb(64, 64)).save(tmp_path / "s.png")
     read_plain_image(tmp_path / "s.png")
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS
 
 
 @pytest.mark.skipif(

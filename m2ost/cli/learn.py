@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from m2ost.cli.options import add_command
+from m2ost.plan.kinds import KINDS
 
 RUN = "m2ost.cli.run_learn"
-KINDS = ["m2ost", "m2ost_single", "ridge", "mean"]
+WORKFLOW = "(default: the workflow's, from the config schema)"
 
 
 def add_parsers(sub) -> None:
-    p = add_command(sub, "train", f"{RUN}:train", "fit a model (m2ost, m2ost_single, ridge, mean) on training samples")
-    p.add_argument("--kind", required=True, choices=KINDS, help="model kind")
+    p = add_command(sub, "train", f"{RUN}:train", f"fit a model ({', '.join(KINDS)}) on training samples")
+    p.add_argument("--kind", required=True, choices=list(KINDS), help="model kind")
     p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the training samples")
     p.add_argument("--expression", nargs="+", required=True, metavar="SAMPLE=H5AD",
                    help="expression of the training samples")
@@ -25,14 +26,14 @@ def add_parsers(sub) -> None:
                    help="expression of the held-out samples")
     p.add_argument("--name", help="model name in the summary (default: the model kind)")
     p.add_argument("--split", help="split name in the summary")
-    p.add_argument("--settings", help="JSON: device, batch_size, workers")
+    p.add_argument("--settings", help=f"JSON: device, batch_size, workers {WORKFLOW}")
     p.add_argument("--out-dir", required=True, help="folder of summary.json, per_gene/, figures/, predictions.h5ad")
 
     p = add_command(sub, "predict", f"{RUN}:predict", "predict every spot of a bundle (an H&E-only slide)")
     p.add_argument("--model", required=True, help="model.pt")
     p.add_argument("--bundle", required=True, help="bundle of the slide")
     p.add_argument("--sample", required=True, help="sample name")
-    p.add_argument("--settings", help="JSON: device, batch_size")
+    p.add_argument("--settings", help=f"JSON: device, batch_size {WORKFLOW}")
     p.add_argument("--png", help="also draw maps of the most variable predicted genes")
     p.add_argument("--out", required=True, help="predictions (h5ad)")
 
@@ -42,11 +43,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="model.pt from the training stage")
     p.add_argument("--sample", help="name used for the outputs (default: the file name)")
     p.add_argument("--mpp", type=float, help="µm per pixel when the slide has no resolution metadata")
-    p.add_argument("--spacing-um", type=float, default=100.0, help="spot grid spacing, µm")
-    p.add_argument("--min-tissue-fraction", type=float, default=0.25, help="tissue needed under a grid spot")
-    p.add_argument("--batch-size", type=int, default=64, help="spots per inference batch")
+    p.add_argument("--spacing-um", type=float, help=f"spot grid spacing, µm {WORKFLOW}")
+    p.add_argument("--min-tissue-fraction", type=float, help=f"tissue needed under a grid spot {WORKFLOW}")
+    p.add_argument("--batch-size", type=int, help=f"spots per inference batch {WORKFLOW}")
     p.add_argument("--workers", type=int, default=1, help="tiling processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N {WORKFLOW}")
     p.add_argument("--out-dir", required=True, help="folder of {sample}.h5ad, {sample}.png and work/")
 
     p = add_command(sub, "model-info", f"{RUN}:model_info", "parameters and FLOPs of every model variant")

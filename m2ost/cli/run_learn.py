@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from m2ost import defaults
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.eval.figures import plot_prediction_maps
 from m2ost.learn.evaluate import evaluate as evaluate_model
-from m2ost.learn.predict import predict_bundle, predict_slide as predict_one_slide
 from m2ost.learn.fit import fit_model
+from m2ost.learn.predict import predict_bundle
+from m2ost.learn.predict import predict_slide as predict_one_slide
 from m2ost.model.info import print_variants
 
 log = logging.getLogger("m2ost")
@@ -17,22 +19,23 @@ log = logging.getLogger("m2ost")
 def train(args) -> None:
     settings = parse_settings(args.settings)
     expressions = parse_pairs(args.expression, "--expression")
+    # Unset model and training settings are the workflow's (the config schema's).
     fit_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions, args.genes, list(expressions),
-              settings.get("model", {}), settings.get("train", {}), args.out_dir)
+              defaults.merged("model", settings.get("model")), settings.get("train", {}), args.out_dir)
 
 
 def evaluate(args) -> None:
     settings = parse_settings(args.settings)
     expressions = parse_pairs(args.expression, "--expression")
     evaluate_model(args.model, parse_pairs(args.bundle, "--bundle"), expressions, list(expressions), args.out_dir,
-                   model_name=args.name, split=args.split, device=settings.get("device", "auto"),
-                   batch_size=settings.get("batch_size", 64), workers=settings.get("workers", 0))
+                   model_name=args.name, split=args.split, device=settings.get("device"),
+                   batch_size=settings.get("batch_size"), workers=settings.get("workers", 0))
 
 
 def predict(args) -> None:
     settings = parse_settings(args.settings)
     adata = predict_bundle(args.model, args.bundle, args.out, sample=args.sample,
-                           device=settings.get("device", "auto"), batch_size=settings.get("batch_size", 64))
+                           device=settings.get("device"), batch_size=settings.get("batch_size"))
     if args.png:
         plot_prediction_maps(adata, args.png, title=f"{args.sample}: predicted expression")
 

@@ -53,7 +53,7 @@ def plot_sample(data, pred: np.ndarray, per_gene: pd.DataFrame,
         picks.append(("median", defined.index[len(defined) // 2]))
     else:  # nothing correlates (e.g. a constant predictor): show the most variable gene
         picks.append(("most variable", int(np.argmax(data.targets.var(axis=0)))))
-    xy = data.coords
+    xy = data.centers
     fig, axes = plt.subplots(len(picks), 2, figsize=(9, 4.2 * len(picks)), squeeze=False)
     for row, (label, j) in enumerate(picks):
         gene, r = per_gene.loc[j, "gene"], per_gene.loc[j, "pcc"]

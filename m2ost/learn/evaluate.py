@@ -23,6 +23,7 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from m2ost import defaults
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 from m2ost.eval.figures import plot_sample
@@ -31,12 +32,13 @@ from m2ost.eval.summary import SUMMARY_METRICS, jsonable
 from m2ost.learn.dataset import SampleData, check_same_views, load_sample, read_bundle_info
 from m2ost.learn.loader import SpotDataset
 from m2ost.learn.predictor import Predictor, load_model
+from m2ost.plan.settings import eval_settings
 from m2ost.provenance import provenance
 
 def check_bundle(predictor: Predictor, info: dict, bundle, sample) -> None:
     """The bundle must offer the model's views at the size and field of view it was trained on."""
     ref = {"n_views": max(predictor.views) + 1,
-           "size_px": {v: predictor.img_size for v in predictor.views},
+           "size_px": dict.fromkeys(predictor.views, predictor.img_size),
            "fov_um": dict(zip(predictor.views, predictor.fov_um))}
     check_same_views(ref, info, predictor.views, bundle, sample, "the model's training data")
 
@@ -53,7 +55,7 @@ def predict_sample(predictor: Predictor, data: SampleData, batch_size: int, work
 def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              expressions: Mapping[str, str], test_samples: Sequence[str],
              out_dir: str | os.PathLike, *, model_name: str | None = None,
-             split: str | None = None, device: str = "auto", batch_size: int = 64,
+             split: str | None = None, device: str | None = None, batch_size: int | None = None,
              workers: int = 0, figures: bool = True, progress: bool = False) -> dict:
     """Predict every spot (with expression) of each held-out sample and score it.
 
@@ -71,7 +73,9 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     model_name, split
         Labels written into ``summary.json`` (default: the model kind, "").
     device, batch_size, workers
-        Inference settings. Padded spots are kept: every spot with expression is scored.
+        Inference settings (device and batch size default to the workflow's: ``train.device``, and
+        ``train.eval_batch_size`` or twice ``train.batch_size``). Padded spots are kept: every spot
+        with expression is scored.
     figures
         Also draw the maps and histograms.
 
@@ -82,6 +86,9 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     """
     if not test_samples:
         raise InputError("no held-out samples to evaluate")
+    workflow = eval_settings({"train": defaults.section("train")})
+    device = workflow["device"] if device is None else device
+    batch_size = workflow["batch_size"] if batch_size is None else batch_size
     predictor = load_model(model_file, device)
     out_dir = Path(out_dir)
     name = model_name or predictor.kind
@@ -144,7 +151,7 @@ def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict) -
         X=np.concatenate([p for _, p, _ in blocks]).astype(np.float32), obs=obs, var=var,
         layers={"measured": np.concatenate([d.targets for d, _, _ in blocks])
                 .astype(np.float32)},
-        obsm={"spatial": np.concatenate([d.coords for d, _, _ in blocks])})
+        obsm={"spatial": np.concatenate([d.centers for d, _, _ in blocks])})
     adata.uns["m2ost"] = json.dumps(jsonable({k: result[k] for k in
                                                ("model", "kind", "split", "test_samples",
                                                 "provenance")}), sort_keys=True)

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from m2ost import defaults
 from m2ost.atomic import atomic_path
 from m2ost.data.grid import grid_spots
 from m2ost.data.slide import prepare_slide
@@ -26,17 +27,20 @@ from m2ost.learn.dataset import load_sample, read_bundle_info
 from m2ost.learn.evaluate import check_bundle, predict_sample
 from m2ost.learn.predictor import load_model
 from m2ost.plan.formats import slide_needs_conversion
+from m2ost.plan.settings import predict_settings
 from m2ost.provenance import provenance
 
 def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                    out_h5ad: str | os.PathLike, *, sample: str | None = None,
-                   device: str = "auto", batch_size: int = 64, workers: int = 0,
+                   device: str | None = None, batch_size: int | None = None, workers: int = 0,
                    progress: bool = False):
     """Predict the panel's expression at every spot of a bundle (no expression needed).
 
     Writes ``out_h5ad``: spots x genes, X = prediction, obs spot ids (index), padded flag,
-    tissue fraction; obsm["spatial"]. Returns the AnnData.
+    tissue fraction; obsm["spatial"]. Returns the AnnData. ``device`` and ``batch_size`` default
+    to the workflow's (``train.device``, ``predict.batch_size``).
     """
+    device, batch_size = _inference(device, batch_size)
 
     predictor = load_model(model_file, device)
     info = read_bundle_info(bundle, sample)
@@ -50,7 +54,7 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                        index=pd.Index(data.spot_ids.astype(str), name="spot"))
     adata = anndata.AnnData(X=pred.astype(np.float32), obs=obs,
                             var=pd.DataFrame(index=pd.Index(predictor.genes, name="gene")),
-                            obsm={"spatial": data.coords})
+                            obsm={"spatial": data.centers})
     adata.uns["m2ost"] = json.dumps(provenance({"model_file": str(model_file),
                                                 "model_fingerprint":
                                                     predictor.meta.get("fingerprint"),
@@ -59,6 +63,12 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
     with atomic_path(out_h5ad) as tmp:
         adata.write_h5ad(tmp)
     return adata
+
+
+def _inference(device: str | None, batch_size: int | None) -> tuple[str, int]:
+    workflow = predict_settings({"train": defaults.section("train"), "predict": defaults.section("predict")})
+    return (workflow["device"] if device is None else device,
+            workflow["batch_size"] if batch_size is None else batch_size)
 
 
 def model_views(model_file) -> list:
@@ -73,12 +83,13 @@ def model_views(model_file) -> list:
 
 
 def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None, mpp: float | None = None,
-                  spacing_um: float = 100.0, min_tissue_fraction: float = 0.25, batch_size: int = 64,
-                  workers: int = 1, device: str = "auto") -> Path:
-    """Everything for one slide in one call (``m2ost predict``): prepare, grid, tile, predict, map.
+                  spacing_um: float | None = None, min_tissue_fraction: float | None = None,
+                  batch_size: int | None = None, workers: int = 1, device: str | None = None) -> Path:
+    """Everything for one slide in one call (``m2ost predict-slide``): prepare, grid, tile, predict, map.
 
     Writes ``{out_dir}/{sample}.h5ad`` and ``{out_dir}/{sample}.png``; intermediate files
-    (converted pyramid, spot table, bundle) go to ``{out_dir}/work``.
+    (converted pyramid, spot table, bundle) go to ``{out_dir}/work``. Unset settings are the
+    workflow's (``predict`` and ``train.device`` in the config schema).
     """
 
     sample = sample or Path(slide_path).stem
