@@ -58,8 +58,8 @@ TINY_SETTINGS = {
                "train": {"epochs": 1, "batch_size": 8, "workers": 1, "device": "auto"}},
     "jobs": 3,  # the single-view model on loso-B4 only
     "measure": ["--variant", "tiny", "--img-size", "32", "--batches", "8", "--compile-batches", "8",
-                "--compile-backend", "eager", "--compile-estimate-s", "0", "--steps", "2", "--warmup", "1", "--loader-batches", "8",
-                "--loader-workers", "1", "--loader-steps", "3"],
+                "--compile-backend", "eager", "--compile-estimate-s", "0", "--steps", "2", "--warmup", "1",
+                "--loader-batches", "8", "--loader-workers", "1", "--loader-steps", "3"],
     "cuda_tests": ["-k", "normalisation"],
 }
 GPU_MEASURE = ["--variant", "paper", "--img-size", "224", "--batches", "32,64,128,256,512",

@@ -309,7 +309,7 @@ def _run_epoch(run: _Run) -> None:
 
 
 # Steps whose losses are read back (and summed over ranks) at once: reading a loss waits for the
-# device, so reading every step's would keep the host from queueing the next step.
+# device, so reading each step's would keep the host from queueing the next step.
 _READ_EVERY = 32
 
 
@@ -340,7 +340,6 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
             _read_losses(run, pending, epoch, step, steps, totals)
             pending = []
             bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.4f}")
-    _read_losses(run, pending, epoch, steps, steps, totals)
     return totals[0] / max(totals[1], 1), lr
 
 
