@@ -104,6 +104,24 @@ def test_the_regression_head_runs_in_fp32_under_bf16_autocast():
     assert y.dtype == torch.float32 and torch.equal(y, bias.expand(2, 6))
 
 
+def test_prediction_starts_no_more_workers_than_batches_after_the_first(tmp_path, monkeypatch):
+    """Validation runs every epoch: workers forked for one batch would cost more than they read."""
+    import m2ost.learn.predictor as P
+
+    ds, _ = _spots(tmp_path, n=24)
+    model = build_model(dict(TINY_MODEL), ds.n_genes, 3, ds.image_size)
+    started, make = [], P.make_loader
+
+    def recording(dataset, batch, workers, *a, **k):
+        started.append(workers)
+        return make(dataset, batch, workers, *a, **k)
+    monkeypatch.setattr(P, "make_loader", recording)
+    one = predict_network(model, ds, torch.device("cpu"), batch_size=32, workers=2)
+    three = predict_network(model, ds, torch.device("cpu"), batch_size=8, workers=4)
+    assert started == [0, 2]
+    assert np.array_equal(one, three)
+
+
 def _spots(tmp_path: Path, n: int = 24) -> tuple[SpotDataset, dict]:
     d = make_sample(tmp_path, "S", n_spots=n)
     s = load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
