@@ -48,7 +48,6 @@ def augment_settings(cfg: Mapping | bool | None) -> dict:
     return out
 
 
-
 def _grey(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(dim=-3)
     return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
@@ -75,11 +74,17 @@ def apply_geometry(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
     reversed, then H reversed); every view of a spot gets the same transform. At most 16
     distinct transforms: one vectorised op each."""
     codes = aug[:, :3].round().long()
-    for code in torch.unique(codes, dim=0).tolist():
-        k, hflip, vflip = code
-        if not (k % 4 or hflip or vflip):
-            continue
-        sel = torch.nonzero((codes == torch.tensor(code)).all(dim=1)).flatten().to(x.device)
+    todo = [c for c in torch.unique(codes, dim=0).tolist() if c[0] % 4 or c[1] or c[2]]
+    if not todo:
+        return x
+    groups = [torch.nonzero((codes == torch.tensor(c)).all(dim=1)).flatten() for c in todo]
+    # All the spots' indices reach the device in one asynchronous copy: a plain .to(cuda) of a
+    # host tensor waits for the device's queue to drain, once per transform.
+    flat = _to_device(torch.cat(groups), x.device)
+    start = 0
+    for (k, hflip, vflip), group in zip(todo, groups):
+        sel = flat[start:start + len(group)]
+        start += len(group)
         y = x.index_select(0, sel)  # a copy, so writing back into x is safe
         if k % 4:
             y = torch.rot90(y, k % 4, dims=(-2, -1))
@@ -89,6 +94,25 @@ def apply_geometry(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
             y = y.flip(-2)
         x.index_copy_(0, sel, y)
     return x
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait (pinned, non-blocking copy)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+_NORMALISERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std as (1, 1, 3, 1, 1) tensors on ``device``, made once per device."""
+    if device not in _NORMALISERS:
+        with torch.inference_mode(False):  # usable by training steps when made during inference
+            _NORMALISERS[device] = tuple(torch.tensor(v, device=device).view(1, 1, 3, 1, 1)
+                                         for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _NORMALISERS[device]
 
 
 def prepare_batch(images: torch.Tensor, device: torch.device,
@@ -106,7 +130,6 @@ def prepare_batch(images: torch.Tensor, device: torch.device,
             x = apply_geometry(x, aug)
             aug = aug[:, 3:]
         if not bool(torch.all(aug == 1)):
-            x = color_jitter(x, aug.to(device, non_blocking=True))
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
+            x = color_jitter(x, _to_device(aug, x.device))
+    mean, std = _mean_std(x.device)
     return (x - mean) / std

@@ -22,8 +22,12 @@ from m2ost.plan.kinds import KINDS
 
 def predict_network(model: torch.nn.Module, dataset: SpotDataset, device: torch.device,
                     batch_size: int = 64, workers: int = 0, progress: bool = False) -> np.ndarray:
-    """(n_items, n_genes) float32 predictions in item order (no augmentation is applied)."""
-    loader = make_loader(dataset, batch_size, workers, pin_memory(device))
+    """(n_items, n_genes) float32 predictions in item order (no augmentation is applied).
+
+    Worker processes start anew at each call (the validation of every epoch): no more of them
+    than the batches after the first, which the main process would wait for anyway."""
+    batches = -(-len(dataset) // batch_size)
+    loader = make_loader(dataset, batch_size, max(0, min(workers, batches - 1)), pin_memory(device))
     model.eval()
     out = []
     with torch.inference_mode():
@@ -31,10 +35,10 @@ def predict_network(model: torch.nn.Module, dataset: SpotDataset, device: torch.
             x = prepare_batch(images, device)
             with autocast(device):
                 y = model(x)
-            out.append(y.float().cpu().numpy())
+            out.append(y.float())  # kept on the device: one copy back at the end, no wait per batch
     if not out:
         return np.zeros((0, 0), np.float32)
-    return np.concatenate(out)
+    return torch.cat(out).cpu().numpy()
 
 
 

@@ -308,11 +308,17 @@ def _run_epoch(run: _Run) -> None:
     run.ranks.barrier()
 
 
+# Steps whose losses are read back (and summed over ranks) at once: reading a loss waits for the
+# device, so reading each step's would keep the host from queueing the next step.
+_READ_EVERY = 32
+
+
 def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
     """The optimisation steps of one epoch: (mean training loss over all ranks, last lr used)."""
     cfg, ranks, device, optimizer = run.cfg, run.ranks, run.ranks.device, run.optimizer
     run.net.train()
-    loss_sum, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
+    lr = optimizer.param_groups[0]["lr"]
+    totals, pending = [0.0, 0], []  # (loss x spots, spots) read back; (loss, spots) not yet read
     steps = len(run.loader)
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{int(cfg['epochs'])}", leave=False,
                disable=not (ranks.main and cfg["progress"]))
@@ -322,14 +328,7 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
         with autocast(device):
             pred = run.net(x)
         loss = torch.nn.functional.mse_loss(pred.float(), target)
-        n = len(target)
-        total, seen = ranks.sum([float(loss.detach()) * n, n])
-        if not math.isfinite(total):
-            kept = (f"the last good checkpoint (epoch {epoch}) is kept in {run.last_file}"
-                    if run.last_file.exists() else "no checkpoint was written yet")
-            raise TrainingDiverged(f"loss is {total / seen} at epoch {epoch + 1}, step "
-                                   f"{step} of {steps}; training stopped, {kept}. "
-                                   "Lower lr or check the inputs")
+        pending.append((loss.detach(), len(target)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if float(cfg["grad_clip"]) > 0:
@@ -337,9 +336,34 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
         optimizer.step()
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged)
         run.scheduler.step()
-        loss_sum, count = loss_sum + total, count + int(seen)
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    return loss_sum / max(count, 1), lr
+        if len(pending) == _READ_EVERY or step == steps:
+            _read_losses(run, pending, epoch, step, steps, totals)
+            pending = []
+            bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.4f}")
+    return totals[0] / max(totals[1], 1), lr
+
+
+def _read_losses(run: _Run, pending: list, epoch: int, last_step: int, steps: int,
+                 totals: list) -> None:
+    """Add the ``pending`` steps' losses (the last step is ``last_step``), summed over the ranks,
+    to ``totals``; a non-finite one stops the run, naming its step. Nothing is saved before the
+    epoch ends, so the last checkpoint stays the last good one."""
+    if not pending:
+        return
+    values = torch.stack([loss for loss, _ in pending]).tolist()  # one wait for the device
+    flat = [v for value, (_, n) in zip(values, pending) for v in (value * n, n)]
+    sums = run.ranks.sum(flat)  # one all-reduce for the block
+    first = last_step - len(pending) + 1
+    for i in range(len(pending)):
+        total, seen = sums[2 * i], sums[2 * i + 1]
+        if not math.isfinite(total):
+            kept = (f"the last good checkpoint (epoch {epoch}) is kept in {run.last_file}"
+                    if run.last_file.exists() else "no checkpoint was written yet")
+            raise TrainingDiverged(f"loss is {total / seen} at epoch {epoch + 1}, step "
+                                   f"{first + i} of {steps}; training stopped, {kept}. "
+                                   "Lower lr or check the inputs")
+        totals[0] += total
+        totals[1] += int(seen)
 
 
 def _save_epoch(run: _Run, improved: bool) -> None:

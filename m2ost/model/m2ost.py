@@ -137,7 +137,10 @@ class M2OST(nn.Module):
             xs = block(xs)
         # only the [cls] tokens are read, so only they are normalised
         cls = torch.cat([norm(t[:, 0]) for norm, t in zip(self.norms, xs)], dim=-1)
-        return self.head(cls)
+        # The regression head runs in fp32 under bf16 autocast too: bf16 would round outputs of
+        # about 5 (log1p expression) to steps of 1/32, coarser than many genes' spot-to-spot spread.
+        with torch.autocast(cls.device.type, enabled=False):
+            return self.head(cls.float())
 
 
 def check_sizes(n_genes, n_views, img_size, patch_size, depth, dim, heads, mlp_dim,
