@@ -17,25 +17,33 @@ import numpy as np
 import pandas as pd
 
 from m2ost.atomic import atomic_path
+from m2ost.data.geojson import prediction_geojson
 from m2ost.data.grid import grid_spots
 from m2ost.data.slide import prepare_slide
+from m2ost.data.spatial import SPOT_DIAMETER_UM, expression_unit, sample_spatial
 from m2ost.data.spots import write_spots
 from m2ost.data.tiling import View, tile_slide
 from m2ost.eval.figures import plot_prediction_maps
+from m2ost.eval.maps import Tissue
 from m2ost.learn.dataset import load_sample, read_bundle_info
-from m2ost.learn.evaluate import check_bundle, predict_sample
+from m2ost.learn.evaluate import check_bundle, gene_table, predict_sample
 from m2ost.learn.train import load_model
 from m2ost.plan.formats import slide_needs_conversion
 from m2ost.provenance import provenance
 
+
 def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                    out_h5ad: str | os.PathLike, *, sample: str | None = None,
                    device: str = "auto", batch_size: int = 64, workers: int = 0,
-                   progress: bool = False):
+                   progress: bool = False, target_sum: float = 1e4,
+                   spot_diameter_um: float = SPOT_DIAMETER_UM["visium"]):
     """Predict the panel's expression at every spot of a bundle (no expression needed).
 
-    Writes ``out_h5ad``: spots x genes, X = prediction, obs spot ids (index), padded flag,
-    tissue fraction; obsm["spatial"]. Returns the AnnData.
+    Writes ``out_h5ad``: spots x genes, X = prediction (log1p of counts scaled to ``target_sum``,
+    the expression stage's unit), obs spot ids (index), padded flag, tissue fraction;
+    obsm["spatial"]; var unit and val_pcc (the model's per-gene Pearson r on its validation
+    spots); uns["spatial"] (the H&E, spots of ``spot_diameter_um``) for scanpy and squidpy.
+    Returns the AnnData.
     """
 
     predictor = load_model(model_file, device)
@@ -48,17 +56,33 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                   if "tissue_fraction" in f else np.full(len(data), np.nan, np.float32))
     obs = pd.DataFrame({"padded": data.padded.any(axis=1), "tissue_fraction": tissue},
                        index=pd.Index(data.spot_ids.astype(str), name="spot"))
-    adata = anndata.AnnData(X=pred.astype(np.float32), obs=obs,
-                            var=pd.DataFrame(index=pd.Index(predictor.genes, name="gene")),
+    unit = expression_unit(target_sum)
+    adata = anndata.AnnData(X=pred.astype(np.float32), obs=obs, var=gene_table(predictor, unit),
                             obsm={"spatial": data.coords})
-    adata.uns["m2ost"] = json.dumps(provenance({"model_file": str(model_file),
-                                                "model_fingerprint":
-                                                    predictor.meta.get("fingerprint"),
-                                                "bundle": str(bundle), "sample": data.sample}),
-                                    sort_keys=True)
+    entry, mpp, diameter_px = sample_spatial(data.sample, bundle, diameter_um=spot_diameter_um)
+    adata.uns["m2ost"] = {"sample": data.sample, "model_file": str(model_file), "unit": unit,
+                          "spot_diameter_px": diameter_px, "mpp": mpp,
+                          "provenance_json": json.dumps(provenance({
+                              "model_file": str(model_file), "model_fingerprint": predictor.meta.get("fingerprint"),
+                              "bundle": str(bundle), "sample": data.sample}), sort_keys=True)}
+    adata.uns["log1p"] = {"base": None}  # X is log1p-normalised, as after sc.pp.log1p
+    if entry:
+        adata.uns["spatial"] = {data.sample: entry}
     with atomic_path(out_h5ad) as tmp:
         adata.write_h5ad(tmp)
     return adata
+
+
+def prediction_outputs(adata, png=None, geojson=None, genes: list[str] | None = None, n_genes: int = 6) -> None:
+    """The maps over the H&E and the QuPath GeoJSON of a prediction file's AnnData."""
+    record = adata.uns["m2ost"]
+    sample = record["sample"]
+    entry = adata.uns.get("spatial", {}).get(sample)
+    if png:
+        tissue = Tissue.from_spatial(adata.obsm["spatial"], record["mpp"], entry, record["spot_diameter_px"])
+        plot_prediction_maps(adata, tissue, png, record["unit"], genes, n_genes, f"{sample}: predicted expression")
+    if geojson:
+        prediction_geojson(adata, record["spot_diameter_px"], geojson)
 
 
 def model_views(model_file) -> list:
@@ -74,11 +98,14 @@ def model_views(model_file) -> list:
 
 def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None, mpp: float | None = None,
                   spacing_um: float = 100.0, min_tissue_fraction: float = 0.25, batch_size: int = 64,
-                  workers: int = 1, device: str = "auto") -> Path:
-    """Everything for one slide in one call (``m2ost predict``): prepare, grid, tile, predict, map.
+                  workers: int = 1, device: str = "auto", target_sum: float = 1e4,
+                  spot_diameter_um: float = SPOT_DIAMETER_UM["visium"], genes: list[str] | None = None,
+                  n_genes: int = 6) -> Path:
+    """Everything for one slide in one call (``m2ost predict-slide``): prepare, grid, tile, predict, map.
 
-    Writes ``{out_dir}/{sample}.h5ad`` and ``{out_dir}/{sample}.png``; intermediate files
-    (converted pyramid, spot table, bundle) go to ``{out_dir}/work``.
+    Writes ``{out_dir}/{sample}.h5ad``, ``{sample}.png`` (maps over the H&E) and
+    ``{sample}.geojson`` (QuPath); intermediate files (converted pyramid, spot table, bundle)
+    go to ``{out_dir}/work``.
     """
 
     sample = sample or Path(slide_path).stem
@@ -93,7 +120,8 @@ def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None,
     tile_slide(sample, info["slide"], table, info["mpp"], views, bundle, workers=workers,
                mpp_source=info["mpp_source"], provenance=provenance({"views": [v.__dict__ for v in views]}))
     out = out_dir / f"{sample}.h5ad"
-    adata = predict_bundle(model_file, bundle, out, sample=sample, device=device, batch_size=batch_size)
-    plot_prediction_maps(adata, out_dir / f"{sample}.png", title=f"{sample}: predicted expression")
+    adata = predict_bundle(model_file, bundle, out, sample=sample, device=device, batch_size=batch_size,
+                           target_sum=target_sum, spot_diameter_um=spot_diameter_um)
+    prediction_outputs(adata, out_dir / f"{sample}.png", out_dir / f"{sample}.geojson", genes, n_genes)
     return out
 

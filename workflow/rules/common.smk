@@ -154,11 +154,21 @@ def train_settings(model):
 
 def eval_settings():
     t = config["train"]
-    return {"device": t["device"], "batch_size": t["eval_batch_size"] or 2 * t["batch_size"]}
+    return {
+        "device": t["device"],
+        "batch_size": t["eval_batch_size"] or 2 * t["batch_size"],
+        "map_gene": config["evaluate"]["map_gene"],
+    }
 
 
 def predict_settings():
-    return {"device": config["train"]["device"], "batch_size": config["predict"]["batch_size"]}
+    p = config["predict"]
+    return {
+        "device": config["train"]["device"],
+        "batch_size": p["batch_size"],
+        "target_sum": config["expression"]["target_sum"],
+        **{k: p[k] for k in ("spot_diameter_um", "map_genes", "n_map_genes")},
+    }
 
 
 def summary_files():

@@ -5,6 +5,9 @@ rule expression:
     input:
         counts=lambda w: source_file(w.sample, "counts"),
         spots="results/spots/{sample}.tsv",
+        # the H&E thumbnail of uns["spatial"] (for scanpy/squidpy) is read from the slide
+        info="results/slides/{sample}.json",
+        slide=readable_slide,
     output:
         "results/expression/{sample}.h5ad",
     params:
@@ -20,7 +23,7 @@ rule expression:
         "../../envs/expression.yaml"
     shell:
         "python -m m2ost expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
-        "--spots {input.spots:q} --settings {params.settings:q} --out {output:q} 2> {log}"
+        "--spots {input.spots:q} --slide-info {input.info:q} --settings {params.settings:q} --out {output:q} 2> {log}"
 
 
 rule panel:

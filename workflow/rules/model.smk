@@ -37,14 +37,18 @@ rule evaluate:
         summary="results/metrics/{model}/{split}/summary.json",
         predictions="results/metrics/{model}/{split}/predictions.h5ad",
         per_gene=directory("results/metrics/{model}/{split}/per_gene"),
+        # Every held-out sample has the same figures (maps, genes), so each combination of the
+        # labels the report offers exists; the split is part of the sample's label, not a label
+        # of its own (a split holds only its own held-out samples).
         figures=report(
             directory("results/metrics/{model}/{split}/figures"),
-            patterns=["{name}.png"],
+            patterns=["{sample}.{figure}.png"],
             caption="../report/evaluation.rst",
             category="Evaluation",
             subcategory="{model}",
-            labels={"model": "{model}", "split": "{split}", "figure": "{name}"},
+            labels={"held-out sample": "{sample} ({split})", "figure": "{figure}"},
         ),
+        qupath=directory("results/metrics/{model}/{split}/qupath"),
     params:
         bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
@@ -68,15 +72,34 @@ rule evaluate:
 
 rule summary:
     input:
-        summary_files(),
+        summaries=summary_files(),
+        per_gene=[os.path.join(os.path.dirname(f), "per_gene") for f in summary_files()],
     output:
-        report("results/metrics/summary.tsv", caption="../report/summary.rst", category="Summary"),
+        table=report(
+            "results/metrics/summary.tsv",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"content": "table (TSV)"},
+        ),
+        html=report(
+            "results/metrics/summary.html",
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"content": "table"},
+        ),
+        png=report(
+            "results/metrics/per_gene_pcc.png",
+            caption="../report/comparison.rst",
+            category="Summary",
+            labels={"content": "per-gene PCC of every model"},
+        ),
     log:
         "logs/summary/summary.log",
     conda:
         "../../envs/expression.yaml"
     shell:
-        "python -m m2ost summary {input:q} --out {output:q} 2> {log}"
+        "python -m m2ost summary {input.summaries:q} --out {output.table:q} --html {output.html:q} "
+        "--png {output.png:q} 2> {log}"
 
 
 rule grid_spots:
@@ -103,7 +126,13 @@ rule predict:
         bundle="results/bundles/{sample}.h5",
     output:
         h5ad="results/predictions/{sample}.h5ad",
-        png=report("results/predictions/{sample}.png", caption="../report/prediction.rst", category="Prediction"),
+        png=report(
+            "results/predictions/{sample}.png",
+            caption="../report/prediction.rst",
+            category="Prediction",
+            labels={"slide": "{sample}"},
+        ),
+        geojson="results/predictions/{sample}.geojson",
     wildcard_constraints:
         sample=_alternatives(HE_SAMPLES),
     params:
@@ -120,6 +149,6 @@ rule predict:
         "../../envs/torch.yaml"
     shell:
         "python -m m2ost predict --model {input.model:q} --bundle {input.bundle:q} --sample {wildcards.sample} "
-        "--settings {params.settings:q} --out {output.h5ad:q} --png {output.png:q} 2> {log}"
+        "--settings {params.settings:q} --out {output.h5ad:q} --png {output.png:q} --geojson {output.geojson:q} 2> {log}"
 
 
