@@ -13,7 +13,7 @@ from synthetic import FOV_UM, TINY_MODEL, tiny_train_cfg
 from viewer_checks import check_draws_over_tissue, check_qupath_geojson
 
 from m2ost.learn.predict import predict_slide
-from m2ost.learn.train import fit_model
+from m2ost.learn.fit import fit_model
 
 
 @pytest.fixture(scope="module")

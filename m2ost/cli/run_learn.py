@@ -6,9 +6,9 @@ import logging
 
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.learn.evaluate import evaluate as evaluate_model
+from m2ost.learn.fit import fit_model
 from m2ost.learn.predict import predict_bundle, prediction_outputs
 from m2ost.learn.predict import predict_slide as predict_one_slide
-from m2ost.learn.train import fit_model
 from m2ost.model.info import print_variants
 
 log = logging.getLogger("m2ost")
