@@ -54,7 +54,7 @@ def add_parsers(sub) -> None:
                    help="the expression stage's target_sum the model was trained with (sets the unit)")
     p.add_argument("--spot-diameter-um", type=float, default=55.0,
                    help="spot size drawn in the maps, GeoJSON and uns['spatial'] (Visium 55, legacy ST 100)")
-    p.add_argument("--genes", nargs="+", help="genes to map (default: the most variable predicted ones)")
+    p.add_argument("--genes", nargs="+", help="genes to map; without it, the --n-genes most variable predicted ones")
     p.add_argument("--n-genes", type=int, default=6, help="how many most variable genes to map without --genes")
     p.add_argument("--out-dir", required=True,
                    help="folder of {sample}.h5ad, {sample}.png, {sample}.geojson and work/")

@@ -111,8 +111,7 @@ def draw_spots(ax, tissue: Tissue, values: np.ndarray, norm: Normalize, cmap: st
 def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.ndarray]], unit: str, title: str):
     """One row per gene: H&E, measured, predicted, on one colour scale per row. ``rows`` holds
     (row title, measured values, predicted values). Returns the figure."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.3 * len(rows)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1, 1.12]})
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.3 * len(rows)), squeeze=False, layout="constrained")
     for (label, measured, predicted), ax_row in zip(rows, axes):
         draw_tissue(ax_row[0], tissue)
         scale_bar(ax_row[0], tissue)
@@ -121,10 +120,9 @@ def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.n
         for ax, what, values in ((ax_row[1], "measured", measured), (ax_row[2], "predicted", predicted)):
             spots = draw_spots(ax, tissue, values, norm)
             ax.set_title(f"{label}: {what}", fontsize=9)
-        bar = fig.colorbar(spots, ax=ax_row[2], shrink=0.8)
+        bar = fig.colorbar(spots, ax=list(ax_row), shrink=0.8)  # space taken from the row, panels stay equal
         bar.set_label(unit, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -133,7 +131,7 @@ def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title:
     n = len(values) + 1
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
     flat = axes.ravel()
     draw_tissue(flat[0], tissue)
     scale_bar(flat[0], tissue)
@@ -145,5 +143,4 @@ def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title:
     for ax in flat[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
