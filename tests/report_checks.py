@@ -22,7 +22,7 @@ def embedded(report_html: Path) -> tuple[dict, dict]:
     text = report_html.read_text()
     found = {}
     for name in ("results", "categories"):
-        m = re.search(rf"var {name} = (.*?);\s*</script>", text, re.S)
+        m = re.search(rf'<script id="{name}">\s*var {name} = (.*?);\s*</script>', text, re.S)
         assert m, f"no embedded '{name}' in {report_html}"
         found[name] = json.loads(m.group(1))
     return found["results"], found["categories"]
@@ -91,13 +91,16 @@ window.addEventListener("load", async () => {
   try {
     for (const category of Object.keys(categories)) {
       for (const subcategory of Object.keys(categories[category])) {
+        // via the menu, as a user clicks: the subcategory page is built anew, not reused
+        app.setView({navbarMode: "menu"});
+        await wait(200);
         app.setView({navbarMode: "subcategory", category: category, subcategory: subcategory});
         await wait(300);
         for (const path of categories[category][subcategory]) {
           new ToggleViewManager(app).handleSelectedResult(path);
           await wait(100);
         }
-        const rows = document.querySelectorAll("#app table tbody tr").length;
+        const rows = document.querySelectorAll("#app table tr").length;
         console.log("M2OST-PAGE " + category + " / " + subcategory + " rows=" + rows);
       }
     }
@@ -120,7 +123,8 @@ def chromium() -> str | None:
 def browse_every_page(report_html: Path, workdir: Path, timeout: float = 180) -> str:
     """Open the report in headless Chromium, visit every page; returns Chromium's log (the console)."""
     page = workdir / "report_visit.html"
-    page.write_text(report_html.read_text().replace("</body>", VISIT_ALL_PAGES + "</body>"))
+    head, _, tail = report_html.read_text().rpartition("</body>")  # the last one: libraries hold others in strings
+    page.write_text(head + VISIT_ALL_PAGES + "</body>" + tail)
     proc = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}",
                            "--virtual-time-budget=60000", "--dump-dom", page.as_uri()],
                           capture_output=True, text=True, timeout=timeout)
@@ -128,5 +132,6 @@ def browse_every_page(report_html: Path, workdir: Path, timeout: float = 180) ->
 
 
 def console_messages(log: str) -> list[str]:
-    """The page's console lines in Chromium's log (``...:CONSOLE(line)] "message", source: ...``)."""
-    return [m.group(1) for m in re.finditer(r':CONSOLE\(\d+\)\] "(.*?)", source:', log)]
+    """The page's console lines in Chromium's log (``...:CONSOLE:line] "message", source: ...``;
+    older versions write ``CONSOLE(line)``)."""
+    return [m.group(1) for m in re.finditer(r':CONSOLE(?:\(\d+\)|:\d+)\] "(.*?)", source:', log)]

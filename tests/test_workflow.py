@@ -186,7 +186,7 @@ def test_outputs_open_in_scanpy_squidpy_and_qupath(fast_run):
 
     wd = fast_run.workdir
     assert "val gene PCC" in fast_run.output and "[train m2ost " in fast_run.output
-    assert "val gene PCC" in (wd / "logs/train/m2ost/s1.log").read_text()
+    assert "val gene PCC" in (wd / "logs/train/m2ost/s1.log").read_text()  # and in the log
 
     def slide_size(sample):
         info = json.loads((wd / f"results/slides/{sample}.json").read_text())

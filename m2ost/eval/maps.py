@@ -126,7 +126,7 @@ def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.n
     return fig
 
 
-def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 3):
+def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4):
     """The H&E, then one map per gene (each on its own robust scale). Returns the figure."""
     n = len(values) + 1
     cols = min(cols, n)
