@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -8,7 +8,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from m2ost import __version__
+import contextlib
 
 _PACKAGES = ("numpy", "h5py", "torch", "openslide-python", "openslide-bin", "scanpy",
              "anndata", "squidpy", "scikit-image", "tifffile", "pillow", "snakemake")
@@ -19,10 +20,8 @@ _PACKAGES = ("numpy", "h5py", "torch", "openslide-python", "openslide-bin", "sca
 def package_versions() -> dict[str, str]:
     versions = {"m2ost": __version__, "python": platform.python_version()}
     for name in _PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 

@@ -132,7 +132,7 @@ def visium_outs(root, n_rows: int = 4, n_cols: int = 6, mpp: float = 0.5, spot_d
     tissue. ``counts`` (spots x genes) and ``matrix_barcodes`` replace those of the matrix;
     ``scalefactors`` False leaves the JSON out, a dict replaces it.
     """
-    from m2ost.data.demo import _write_10x_h5
+    from m2ost.data.demo.writers import write_10x_h5
 
     root = Path(root)
     spatial = root / "outs" / "spatial"
@@ -159,7 +159,7 @@ def visium_outs(root, n_rows: int = 4, n_cols: int = 6, mpp: float = 0.5, spot_d
         counts = np.random.default_rng(seed).poisson(30, (len(barcodes), len(genes)))
     gene_table = pd.DataFrame({"gene": list(genes), "gene_id": [f"ENSG{i:05d}" for i in range(len(genes))]})
     matrix = root / "outs" / "filtered_feature_bc_matrix.h5"
-    _write_10x_h5(matrix, np.asarray(counts), matrix_barcodes or barcodes, gene_table, "S")
+    write_10x_h5(matrix, np.asarray(counts), matrix_barcodes or barcodes, gene_table, "S")
     return {"positions": spatial / "tissue_positions.csv", "scalefactors": spatial / "scalefactors_json.json",
             "matrix": matrix, "barcodes": barcodes, "spatial": spatial}
 

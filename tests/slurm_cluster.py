@@ -65,7 +65,7 @@ def slurm_unavailable() -> str | None:
 def _node_line() -> tuple[str, int, int]:
     """``slurmd -C``'s description of this machine: (node line, CPUs, RealMemory MB)."""
     out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("NodeName="))
+    line = next(text for text in out.splitlines() if text.startswith("NodeName="))
     fields = dict(f.split("=", 1) for f in line.split())
     return line, int(fields["CPUs"]), int(fields["RealMemory"])
 
@@ -137,7 +137,7 @@ PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         for daemon in ("slurmctld", "slurmd"):
             self._sh(daemon)  # both daemonise and write their pid file
             self.started[daemon] = r / f"{daemon}.pid"
-            self._wait(lambda: self._pid(daemon) is not None, 20, f"{daemon} wrote no pid file")
+            self._wait(lambda daemon=daemon: self._pid(daemon) is not None, 20, f"{daemon} wrote no pid file")
         self._wait(lambda: self._sh("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", 60,
                    "the node did not become idle")
 

@@ -60,8 +60,13 @@ def spot_images(rng: np.random.Generator, n_spots: int, n_views: int, size: int,
 
 def write_bundle(path, sample: str, views: list[np.ndarray], coords: np.ndarray,
                  barcodes: list[str], padded: np.ndarray | None = None,
-                 fov_um=FOV_UM, mpp: float = 0.5) -> Path:
-    """Write a spot bundle in the layout of ``results/bundles/{sample}.h5``."""
+                 fov_um=FOV_UM, mpp: float = 0.5, format_version: int = 3) -> Path:
+    """Write a spot bundle in the layout of ``results/bundles/{sample}.h5``, by hand.
+
+    ``coords``: the spot centres. Format 3 stores them as ``centers`` and the top-left corner of
+    view 0 as ``coords`` (HEST's meaning); format 2 (the layout before) stored the centres as
+    ``coords``.
+    """
     from m2ost.data.bundle import DIGEST_ALGORITHM, spot_digest
 
     path = Path(path)
@@ -75,12 +80,18 @@ def write_bundle(path, sample: str, views: list[np.ndarray], coords: np.ndarray,
         f["img"] = f["view_0"]  # hard link, HEST layout
         f.create_dataset("barcode", data=np.array(barcodes, dtype=object),
                          dtype=h5py.string_dtype())
-        f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        centers = np.asarray(coords, np.int64)
+        if format_version >= 3:
+            half = int(round(list(fov_um)[0] / mpp)) // 2
+            f.create_dataset("coords", data=centers - half)
+            f.create_dataset("centers", data=centers)
+        else:
+            f.create_dataset("coords", data=centers)
         f.create_dataset("padded", data=padded)
         f.create_dataset("tissue_fraction", data=np.ones(n, np.float32))
         f.create_dataset("spot_digest", data=np.array(
             [spot_digest([arr[i] for arr in views]) for i in range(n)], dtype=np.uint64))
-        f.attrs.update({"n_views": n_views, "n_spots": n, "mpp": mpp,
+        f.attrs.update({"n_views": n_views, "n_spots": n, "mpp": mpp, "format_version": format_version,
                         "digest_algorithm": DIGEST_ALGORITHM,
                         "fov_um": list(fov_um)[:n_views],
                         "size_px": [int(a.shape[1]) for a in views], "sample": sample,

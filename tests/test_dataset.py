@@ -163,16 +163,16 @@ def test_loader_workers_open_their_own_files(study):
     ds = SpotDataset(data, augment=AUG, seed=2)
     ds.set_epoch(3)
     ds[0]  # the parent opens a handle before forking
-    serial = [b for b in make_loader(ds, 8, workers=0)]
+    serial = list(make_loader(ds, 8, workers=0))
     loader = make_loader(ds, 8, workers=2)
-    parallel = [b for b in loader]
+    parallel = list(loader)
     for a, b in zip(serial, parallel):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     # the workers persist across epochs, yet draw the augmentations of the epoch set now
     ds.set_epoch(4)
-    again = [b for b in loader]
+    again = list(loader)
     ds.set_epoch(4)
-    serial4 = [b for b in make_loader(ds, 8, workers=0)]
+    serial4 = list(make_loader(ds, 8, workers=0))
     assert all(torch.equal(a[2], b[2]) for a, b in zip(again, serial4))
     assert not all(torch.equal(a[2], b[2]) for a, b in zip(again, parallel))
     ds.close()
@@ -207,4 +207,25 @@ def test_format_1_bundles_with_blake2b_digests_still_verify(tmp_path):
     with h5py.File(d["bundle"], "r+") as f:  # xxh3 digests under the old format: refused
         f["spot_digest"][:] = [spot_digest([v[i] for v in d["views"]]) for i in range(6)]
     with pytest.raises(InputError, match=r"sample S.*does not match its stored digest"):
+        load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
+
+
+def test_format_2_bundles_with_centres_under_coords_still_load(tmp_path):
+    """Format 3 moved the spot centres to ``centers`` (``coords`` is now HEST's top-left corner);
+    a format-2 bundle, which held the centres under ``coords``, gives the same spots."""
+    from synthetic import write_bundle
+
+    d = make_sample(tmp_path, "S", n_spots=9)
+    old = write_bundle(tmp_path / "old" / "S.h5", "S", d["views"], d["coords"], d["barcodes"], format_version=2)
+    with h5py.File(old) as f:
+        assert "centers" not in f and f.attrs["format_version"] == 2
+    with h5py.File(d["bundle"]) as f:  # format 3: the corner of the 55-µm view 0 at 0.5 µm/px
+        assert np.array_equal(f["coords"][:], np.asarray(d["coords"]) - 55)
+    new_sample = load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
+    old_sample = load_sample(old, d["expression"], panel_genes(), sample="S")
+    assert np.array_equal(new_sample.centers, np.asarray(d["coords"], float)[new_sample.rows])
+    assert np.array_equal(old_sample.centers, new_sample.centers)
+    with h5py.File(d["bundle"], "r+") as f:  # a format-3 bundle without its centres is refused
+        del f["centers"]
+    with pytest.raises(InputError, match=r"sample S.*dataset centers missing"):
         load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")

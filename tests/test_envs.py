@@ -13,7 +13,7 @@ import importlib.metadata as md
 import re
 import sys
 import tomllib
-from functools import lru_cache
+from functools import lru_cache, cache
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,7 @@ def rules() -> dict[str, dict]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def env_packages(path: Path) -> dict[str, str]:
     """{normalised name: pinned version} of a conda env file (conda and pip entries)."""
     spec = yaml.safe_load(path.read_text())
@@ -200,7 +200,7 @@ class Module:
         return external, bound
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module(name: str) -> Module:
     return Module(name)
 
@@ -251,7 +251,7 @@ def third_party_imports(subcommand: str) -> set[str]:
                     if ident in mod.defs and (attr is None or ident != attr):
                         todo.append((name, ident))
                     elif ident in local or ident in mod.bindings:
-                        todo.append((local.get(ident) or mod.bindings[ident]))
+                        todo.append(local.get(ident) or mod.bindings[ident])
                 elif isinstance(ref, ast.Attribute) and isinstance(ref.value, ast.Name):
                     target = local.get(ref.value.id) or mod.bindings.get(ref.value.id)
                     if target and target[1] is None:

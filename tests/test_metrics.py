@@ -133,7 +133,7 @@ def test_aggregate_rows_and_model_means(tmp_path):
 
     files = []
     for model, split, pcc in [("m2ost", "s1", 0.2), ("m2ost", "s2", 0.4), ("ridge", "s1", 0.1)]:
-        mean = {k: 1.0 for k in SUMMARY_METRICS}
+        mean = dict.fromkeys(SUMMARY_METRICS, 1.0)
         mean["gene_pcc_mean"] = pcc
         path = tmp_path / f"{model}_{split}.json"
         path.write_text(json.dumps({"model": model, "kind": model, "split": split,

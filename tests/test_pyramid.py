@@ -162,7 +162,7 @@ def test_pil_limits_are_restored(tmp_path):
     before = Image.MAX_IMAGE_PIXELS
     Image.fromarray(smooth_rgb(64, 64)).save(tmp_path / "s.png")
     read_plain_image(tmp_path / "s.png")
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS
 
 
 @pytest.mark.skipif(

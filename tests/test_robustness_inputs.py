@@ -508,14 +508,23 @@ SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
     ({"views": [{"fov_um": 112}]}, r"'size_px' is a required property"),
     ({"views": [{"fov_um": 112, "fov_px": 200, "size_px": 32}]}, r"is valid under each of"),
     ({"panel": {"method": "random"}}, r"'random' is not one of"),
+    ({"samples": None}, r"None is not of type 'string'"),
 ])
 def test_config_schema_rejects_unknown_keys_and_wrong_types(config, problem):
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
     with pytest.raises(WorkflowError) as err:
-        validate(dict(config), str(SCHEMA), set_default=True)
+        validate({"samples": "samples.tsv", **config}, str(SCHEMA), set_default=True)
     assert re.search(problem, str(err.value)), str(err.value)[:2000]
+
+
+def test_config_schema_requires_the_sample_sheet():
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    with pytest.raises(WorkflowError, match=r"'samples' is a required property"):
+        validate({"data_root": "."}, str(SCHEMA), set_default=True)
 
 
 def test_config_schema_accepts_the_shipped_configs():

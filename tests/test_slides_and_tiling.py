@@ -12,6 +12,7 @@ from m2ost.data import bundle
 from m2ost.data import slide
 from m2ost.data import spots
 from m2ost.data import tiling
+from m2ost.data.tiling import parallel as tiling_parallel
 from m2ost.errors import InputError
 from realdata import HER2ST_SECTIONS, SVS, her2st_files, needs_her2st, needs_svs
 
@@ -56,10 +57,14 @@ def test_view0_matches_crop_of_original_jpeg(b4):
     original = np.asarray(Image.open(b4["image"]).convert("RGB"))
     with h5py.File(b4["bundle"]) as f:
         view0 = f["view_0"][:]
-        coords = f["coords"][:]
+        centers = f["centers"][:]
+        corners = f["coords"][:]
+        assert f["coords"].attrs["patch_size_level0"] == 224
         assert abs(f.attrs["mpp"] - 0.69) / 0.69 < 0.05
-    for k in range(len(coords)):
-        x, y = coords[k]
+    # HEST's coords: view 0's top-left corner (the centre rounded apart from the corner: 1 px at most)
+    assert np.abs(corners - (centers - 112)).max() <= 1
+    for k in range(len(centers)):
+        x, y = centers[k]
         crop = original[y - 112:y + 112, x - 112:x + 112].astype(float)
         diff = np.abs(view0[k].astype(float) - crop).mean()
         assert diff < 6, f"spot {k}: view 0 differs from the JPEG crop by {diff:.1f} grey levels"
@@ -73,7 +78,7 @@ def test_views_share_the_spot_centre(b4):
     with h5py.File(b4["bundle"]) as f:
         v0, v1, v2 = (f[f"view_{i}"][:].astype(float) for i in range(3))
     # The centre half of view 1 (448 px field) shows view 0's field at half the resolution.
-    for coarse, fine, factor in ((v1, v0, 2), (v2, v1, 2)):
+    for coarse, fine, _factor in ((v1, v0, 2), (v2, v1, 2)):
         centre = coarse[:, 56:168, 56:168]
         fine_small = np.stack([np.asarray(Image.fromarray(im.astype(np.uint8)).resize((112, 112), Image.BOX))
                                for im in fine]).astype(float)
@@ -175,7 +180,7 @@ def test_interrupted_tiling_leaves_no_bundle(tmp_path, monkeypatch):
     table = pd.DataFrame({"spot_id": [f"s{i}" for i in range(40)], "x": np.linspace(100, 600, 40),
                           "y": np.full(40, 384.0), "array_row": np.nan, "array_col": np.nan})
     calls = {"n": 0}
-    real = tiling.read_view
+    real = tiling_parallel.read_view
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -183,11 +188,11 @@ def test_interrupted_tiling_leaves_no_bundle(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tiling, "read_view", dying)
+    monkeypatch.setattr(tiling_parallel, "read_view", dying)
     with pytest.raises(KeyboardInterrupt):
         tiling.tile_slide("syn", path, table, 0.5, [tiling.View(32, fov_um=32)], tmp_path / "b.h5", progress=False)
     assert list(tmp_path.glob("*.h5")) == []
-    monkeypatch.setattr(tiling, "read_view", real)
+    monkeypatch.setattr(tiling_parallel, "read_view", real)
     tiling.tile_slide("syn", path, table, 0.5, [tiling.View(32, fov_um=32)], tmp_path / "b.h5", progress=False)
     assert bundle.verify_bundle(tmp_path / "b.h5")["n_spots"] == 40
 

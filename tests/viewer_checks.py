@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib
 
@@ -51,7 +52,7 @@ def check_qupath_geojson(path, adata, width: int, height: int, diameter_px: floa
     """QuPath's import format: a FeatureCollection of Features with a closed Polygon in level-0 px,
     ``properties.objectType`` and numeric ``measurements`` named by gene; one per spot, each
     polygon a circle of the spot's diameter around its centre."""
-    collection = json.loads(open(path).read())
+    collection = json.loads(Path(path).read_text())
     assert collection["type"] == "FeatureCollection"
     features = collection["features"]
     assert len(features) == adata.n_obs

@@ -23,7 +23,7 @@ def add_parsers(sub) -> None:
     p = add_command(sub, "panel", f"{RUN}:panel", "choose the gene panel from the training samples")
     p.add_argument("--train", nargs="+", required=True, metavar="SAMPLE=H5AD", help="training samples")
     p.add_argument("--other", nargs="*", metavar="SAMPLE=H5AD", help="held-out samples (genes must exist there)")
-    p.add_argument("--settings", help="JSON: method, n_genes, list_file, min_spot_fraction")
+    p.add_argument("--settings", help="JSON: method, n_genes, list_file, min_spot_fraction (default: the workflow's)")
     p.add_argument("--out", required=True, help="gene list (one per line)")
 
     p = add_command(sub, "summary", f"{RUN}:summary", "one table of every (model, split) summary")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from m2ost.cli.options import add_command
+from m2ost.plan.kinds import KINDS
 
 RUN = "m2ost.cli.run_learn"
-KINDS = ["m2ost", "m2ost_single", "ridge", "mean"]
+WORKFLOW = "(default: the workflow's, from the config schema)"
 
 
 def add_parsers(sub) -> None:
-    p = add_command(sub, "train", f"{RUN}:train", "fit a model (m2ost, m2ost_single, ridge, mean) on training samples")
-    p.add_argument("--kind", required=True, choices=KINDS, help="model kind")
+    p = add_command(sub, "train", f"{RUN}:train", f"fit a model ({', '.join(KINDS)}) on training samples")
+    p.add_argument("--kind", required=True, choices=list(KINDS), help="model kind")
     p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the training samples")
     p.add_argument("--expression", nargs="+", required=True, metavar="SAMPLE=H5AD",
                    help="expression of the training samples")
@@ -25,8 +26,8 @@ def add_parsers(sub) -> None:
                    help="expression of the held-out samples")
     p.add_argument("--name", help="model name in the summary (default: the model kind)")
     p.add_argument("--split", help="split name in the summary")
-    p.add_argument("--settings", help="JSON: device, batch_size, workers, map_gene (a gene mapped besides the best "
-                   "and the median one)")
+    p.add_argument("--settings", help=f"JSON: device, batch_size, workers, map_gene (a gene mapped besides the "
+                   f"best and the median one) {WORKFLOW}")
     p.add_argument("--out-dir", required=True, help="folder of summary.json, per_gene/, figures/, predictions.h5ad")
 
     p = add_command(sub, "predict", f"{RUN}:predict", "predict every spot of a bundle (an H&E-only slide)")
@@ -34,8 +35,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--bundle", required=True, help="bundle of the slide")
     p.add_argument("--sample", required=True, help="sample name")
     p.add_argument("--settings", help="JSON: device, batch_size, target_sum (the expression stage's, for the unit), "
-                   "spot_diameter_um, map_genes, n_map_genes")
-    p.add_argument("--png", help="also draw maps over the H&E (map_genes, default the most variable predicted)")
+                   f"spot_diameter_um, map_genes, n_map_genes {WORKFLOW}")
+    p.add_argument("--png", help="also draw maps over the H&E (map_genes, else the n_map_genes most variable)")
     p.add_argument("--geojson", help="also write the spots with their predictions for QuPath (GeoJSON)")
     p.add_argument("--out", required=True, help="predictions (h5ad)")
 
@@ -45,17 +46,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="model.pt from the training stage")
     p.add_argument("--sample", help="name used for the outputs (default: the file name)")
     p.add_argument("--mpp", type=float, help="µm per pixel when the slide has no resolution metadata")
-    p.add_argument("--spacing-um", type=float, default=100.0, help="spot grid spacing, µm")
-    p.add_argument("--min-tissue-fraction", type=float, default=0.25, help="tissue needed under a grid spot")
-    p.add_argument("--batch-size", type=int, default=64, help="spots per inference batch")
+    p.add_argument("--spacing-um", type=float, help=f"spot grid spacing, µm {WORKFLOW}")
+    p.add_argument("--min-tissue-fraction", type=float, help=f"tissue needed under a grid spot {WORKFLOW}")
+    p.add_argument("--batch-size", type=int, help=f"spots per inference batch {WORKFLOW}")
     p.add_argument("--workers", type=int, default=1, help="tiling processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--target-sum", type=float, default=1e4,
-                   help="the expression stage's target_sum the model was trained with (sets the unit)")
-    p.add_argument("--spot-diameter-um", type=float, default=55.0,
-                   help="spot size drawn in the maps, GeoJSON and uns['spatial'] (Visium 55, legacy ST 100)")
-    p.add_argument("--genes", nargs="+", help="genes to map; without it, the --n-genes most variable predicted ones")
-    p.add_argument("--n-genes", type=int, default=6, help="how many most variable genes to map without --genes")
+    p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N {WORKFLOW}")
+    p.add_argument("--target-sum", type=float,
+                   help=f"the expression stage's target_sum the model was trained with (sets the unit) {WORKFLOW}")
+    p.add_argument("--spot-diameter-um", type=float,
+                   help=f"spot size of the maps, GeoJSON and uns['spatial'] (Visium 55, legacy ST 100) {WORKFLOW}")
+    p.add_argument("--genes", nargs="+", help=f"genes to map; without it, the --n-genes most variable {WORKFLOW}")
+    p.add_argument("--n-genes", type=int, help=f"how many most variable genes to map without --genes {WORKFLOW}")
     p.add_argument("--out-dir", required=True,
                    help="folder of {sample}.h5ad, {sample}.png, {sample}.geojson and work/")
 

@@ -32,9 +32,17 @@ def parse_pairs(values: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default, unless there is none (None: the workflow's, said in the help)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_command(sub, name: str, handler: str, help: str, aliases: tuple[str, ...] = ()):
     """A subcommand run by ``handler`` ("module:function"); options show their defaults."""
-    p = sub.add_parser(name, help=help, description=help, aliases=list(aliases),
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, aliases=list(aliases), formatter_class=_ShowDefaults)
     p.set_defaults(handler=handler)
     return p

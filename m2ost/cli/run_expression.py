@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from m2ost import defaults
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.data.expression import build_expression
 from m2ost.data.panel import select_panel, write_panel
@@ -18,22 +19,21 @@ log = logging.getLogger("m2ost")
 
 
 def expression(args) -> None:
-    settings = parse_settings(args.settings)
+    settings = defaults.merged("expression", parse_settings(args.settings))
     spatial = None
     if args.slide_info:
         info = read_slide_info(args.slide_info, args.sample)
         spatial = slide_spatial(info["slide"], info["mpp"], spot_diameter_um(args.format), args.sample)
     build_expression(args.sample, args.format, args.counts, read_spots(args.spots, args.sample), args.out,
-                     min_counts=settings.get("min_counts", 100), target_sum=settings.get("target_sum", 1e4),
+                     min_counts=settings["min_counts"], target_sum=settings["target_sum"],
                      provenance=provenance(settings), spatial=spatial)
 
 
 def panel(args) -> None:
-    settings = parse_settings(args.settings)
-    genes = select_panel(settings.get("method", "top_mean"), int(settings.get("n_genes", 50)),
+    settings = defaults.merged("panel", parse_settings(args.settings))
+    genes = select_panel(settings["method"], int(settings["n_genes"]),
                          parse_pairs(args.train, "--train"), parse_pairs(args.other, "--other"),
-                         list_file=settings.get("list_file") or None,
-                         min_spot_fraction=settings.get("min_spot_fraction", 0.1))
+                         list_file=settings["list_file"] or None, min_spot_fraction=settings["min_spot_fraction"])
     write_panel(genes, args.out)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from m2ost import defaults
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.learn.evaluate import evaluate as evaluate_model
 from m2ost.learn.fit import fit_model
@@ -17,27 +18,26 @@ log = logging.getLogger("m2ost")
 def train(args) -> None:
     settings = parse_settings(args.settings)
     expressions = parse_pairs(args.expression, "--expression")
+    # Unset model and training settings are the workflow's (the config schema's).
     fit_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions, args.genes, list(expressions),
-              settings.get("model", {}), settings.get("train", {}), args.out_dir)
+              defaults.merged("model", settings.get("model")), settings.get("train", {}), args.out_dir)
 
 
 def evaluate(args) -> None:
     settings = parse_settings(args.settings)
     expressions = parse_pairs(args.expression, "--expression")
     evaluate_model(args.model, parse_pairs(args.bundle, "--bundle"), expressions, list(expressions), args.out_dir,
-                   model_name=args.name, split=args.split, device=settings.get("device", "auto"),
-                   batch_size=settings.get("batch_size", 64), workers=settings.get("workers", 0),
+                   model_name=args.name, split=args.split, device=settings.get("device"),
+                   batch_size=settings.get("batch_size"), workers=settings.get("workers", 0),
                    map_gene=settings.get("map_gene"))
 
 
 def predict(args) -> None:
     settings = parse_settings(args.settings)
     adata = predict_bundle(args.model, args.bundle, args.out, sample=args.sample,
-                           device=settings.get("device", "auto"), batch_size=settings.get("batch_size", 64),
-                           target_sum=settings.get("target_sum", 1e4),
-                           spot_diameter_um=settings.get("spot_diameter_um", 55.0))
-    prediction_outputs(adata, args.png, args.geojson, settings.get("map_genes") or None,
-                       settings.get("n_map_genes", 6))
+                           device=settings.get("device"), batch_size=settings.get("batch_size"),
+                           target_sum=settings.get("target_sum"), spot_diameter_um=settings.get("spot_diameter_um"))
+    prediction_outputs(adata, args.png, args.geojson, settings.get("map_genes"), settings.get("n_map_genes"))
 
 
 def predict_slide(args) -> None:

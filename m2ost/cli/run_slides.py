@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from m2ost import defaults
 from m2ost.cli.options import parse_settings
 from m2ost.data.demo import make_demo_cohort
 from m2ost.data.grid import grid_spots as make_grid
@@ -17,7 +18,10 @@ log = logging.getLogger("m2ost")
 
 
 def demo_cohort(args) -> None:
-    make_demo_cohort(args.out, seed=args.seed, **parse_settings(args.settings))
+    settings = defaults.merged("demo", parse_settings(args.settings))
+    settings.pop("enabled")
+    seed = settings.pop("seed")
+    make_demo_cohort(args.out, seed=seed if args.seed is None else args.seed, **settings)
 
 
 def spots(args) -> None:
@@ -29,21 +33,21 @@ def spots(args) -> None:
 
 def prepare_slide(args) -> None:
     prepare(args.sample, args.slide, args.out, converted_path=args.converted, sheet_mpp=args.mpp,
-            spots_tsv=args.spots, fmt=args.format or "", **parse_settings(args.settings))
+            spots_tsv=args.spots, fmt=args.format or "", **defaults.merged("slides", parse_settings(args.settings)))
 
 
 def tile(args) -> None:
-    settings = parse_settings(args.settings)
+    settings = {"views": defaults.section("views"), **parse_settings(args.settings)}
     info = read_slide_info(args.slide_info, args.sample)
     views = [View.from_config(v) for v in settings["views"]]
+    workers = defaults.section("tiling")["threads"] if args.workers is None else args.workers
     tile_slide(args.sample, info["slide"], read_spots(args.spots, args.sample), info["mpp"], views, args.out,
-               workers=args.workers, strategy=settings.get("strategy", "pyramid"), mpp_source=info["mpp_source"],
+               workers=workers, strategy=settings.get("strategy", "pyramid"), mpp_source=info["mpp_source"],
                provenance=provenance(settings), progress=not args.no_progress)
 
 
 def grid_spots(args) -> None:
     settings = parse_settings(args.settings)
     info = read_slide_info(args.slide_info, args.sample)
-    table = make_grid(args.sample, info, settings.get("spot_spacing_um", 100.0),
-                      settings.get("min_tissue_fraction", 0.25))
+    table = make_grid(args.sample, info, settings.get("spot_spacing_um"), settings.get("min_tissue_fraction"))
     write_spots(table, args.out)

@@ -12,13 +12,15 @@ def add_parsers(sub) -> None:
     p = add_command(sub, "demo-cohort", f"{RUN}:demo_cohort", "generate the synthetic demo cohort",
                     aliases=("demo",))
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
-    p.add_argument("--settings", help="JSON: n_patients, slides_per_patient, n_genes, ...")
+    p.add_argument("--seed", type=int, help="random seed of the cohort (default: the workflow's demo.seed)")
+    p.add_argument("--settings",
+                   help="JSON: n_patients, slides_per_patient, n_genes, slide_um (default: the workflow's)")
 
     p = add_command(sub, "spots", f"{RUN}:spots", "read a spot position file into a spot table")
     p.add_argument("--sample", required=True, help="sample name (for messages)")
     p.add_argument("--format", required=True, choices=FORMATS, help="platform of the positions file")
-    p.add_argument("--positions", required=True, help="positions file (Visium tissue_positions, legacy ST selection, h5ad)")
+    p.add_argument("--positions", required=True,
+                   help="positions file (Visium tissue_positions, legacy ST selection, h5ad)")
     p.add_argument("--keep-off-tissue", action="store_true", help="keep spots flagged off tissue")
     p.add_argument("--scalefactors", help="Visium scalefactors_json.json (default: beside --positions)")
     p.add_argument("--out", required=True, help="spot table (TSV)")
@@ -31,20 +33,21 @@ def add_parsers(sub) -> None:
     p.add_argument("--format", help="platform of the spot grid (visium, legacy_st)")
     p.add_argument("--mpp", type=float, help="µm per pixel (overrides the slide metadata)")
     p.add_argument("--converted", help="write a pyramidal TIFF here (plain images)")
-    p.add_argument("--settings", help="JSON: tile_size, jpeg_quality")
+    p.add_argument("--settings", help="JSON: tile_size, jpeg_quality (default: the workflow's)")
     p.add_argument("--out", required=True, help="slide information (JSON)")
 
     p = add_command(sub, "tile", f"{RUN}:tile", "tile every spot into a multi-view HDF5 bundle")
     p.add_argument("--sample", required=True, help="sample name (for messages)")
     p.add_argument("--slide-info", required=True, help="slide information from prepare-slide")
     p.add_argument("--spots", required=True, help="spot table")
-    p.add_argument("--settings", required=True, help="JSON: views [{fov_um|fov_px, size_px}], strategy")
-    p.add_argument("--workers", type=int, default=1, help="reader processes")
+    p.add_argument("--settings",
+                   help="JSON: views [{fov_um|fov_px, size_px}], strategy (default: the workflow's views)")
+    p.add_argument("--workers", type=int, help="reader processes (default: the workflow's tiling.threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="bundle (HDF5)")
 
     p = add_command(sub, "grid-spots", f"{RUN}:grid_spots", "spot grid over the tissue of an H&E-only slide")
     p.add_argument("--sample", required=True, help="sample name (for messages)")
     p.add_argument("--slide-info", required=True, help="slide information from prepare-slide")
-    p.add_argument("--settings", help="JSON: spot_spacing_um, min_tissue_fraction")
+    p.add_argument("--settings", help="JSON: spot_spacing_um, min_tissue_fraction (default: the workflow's)")
     p.add_argument("--out", required=True, help="spot table (TSV)")

@@ -1,16 +1,22 @@
 """The spot bundle: one HDF5 file per slide holding every view of every spot.
 
-Layout (HEST-compatible names where it costs nothing):
+Layout (HEST's patch layout where it costs nothing):
 
 ``view_0`` .. ``view_{V-1}``  uint8 (n_spots, H, W, 3), one spot per chunk
 ``img``                       hard link to ``view_0`` (HEST patch layout)
 ``barcode``                   (n_spots,) spot ids, UTF-8
-``coords``                    (n_spots, 2) int64 spot centre (x, y), level-0 px
+``coords``                    (n_spots, 2) int64 top-left corner (x, y) of view 0, level-0 px: HEST's (and
+                              CLAM's) meaning; attributes patch_size_level0 (view 0's side, level-0 px),
+                              patch_size (its side as stored, px), patch_level (0)
+``centers``                   (n_spots, 2) int64 spot centre (x, y), level-0 px; every view is centred here
 ``padded``                    (n_spots, V) bool, the view reached outside the slide
 ``tissue_fraction``           (n_spots,) float32, stained fraction of view 0
 ``spot_digest``               (n_spots,) uint64, hash of the spot's views (detects edits)
 attributes                    n_views, n_spots, mpp, mpp_source, fov_um, fov_px, size_px, levels,
                               sample, slide, provenance (JSON), format_version, digest_algorithm
+
+Format 3 (this version) added ``centers``; bundles of formats 1 and 2 held the spot centres
+under ``coords`` and are still read (:func:`read_centers`). Format 1 hashed with blake2b.
 
 Views are stored uncompressed: the loader must deliver thousands of spots per second and
 decompression would cost more than the disk reads it saves (docs/performance.md).
@@ -29,7 +35,9 @@ import xxhash
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# From this format on, ``coords`` is the top-left corner of view 0 and ``centers`` the spot centre.
+FIRST_FORMAT_WITH_CENTERS = 3
 # xxh3 hashes at memory speed (about 25x blake2b, which took a third of the tiling time);
 # format-1 bundles carry no digest_algorithm attribute and were hashed with blake2b.
 DIGEST_ALGORITHM = "xxh3_64"
@@ -59,15 +67,31 @@ def digest_algorithm(f: h5py.File, path=None, sample: str | None = None) -> str:
     return name
 
 
-class BundleWriter:
-    """Create a bundle under a temporary name; it gets its final name only when complete."""
+def format_version(f: h5py.File) -> int:
+    """The format of an open bundle (1 where the attribute is missing: the first bundles)."""
+    return int(f.attrs.get("format_version", 1))
 
-    def __init__(self, path, spot_ids: list[str], coords: np.ndarray, sizes: list[int], attrs: dict,
-                 provenance: dict | None = None):
+
+def read_centers(f: h5py.File) -> np.ndarray:
+    """The (n_spots, 2) spot centres (x, y), level-0 px, of an open bundle of any format."""
+    name = "centers" if format_version(f) >= FIRST_FORMAT_WITH_CENTERS else "coords"
+    return np.asarray(f[name][:], dtype=np.float64)
+
+
+class BundleWriter:
+    """Create a bundle under a temporary name; it gets its final name only when complete.
+
+    ``centers``: spot centres (x, y); ``corners``: top-left corner (x, y) of view 0 (both level-0
+    px); ``patch_size_level0``: view 0's side in level-0 px.
+    """
+
+    def __init__(self, path, spot_ids: list[str], centers: np.ndarray, corners: np.ndarray, sizes: list[int],
+                 attrs: dict, provenance: dict | None = None, patch_size_level0: int = 0):
         self.path = path
         self._ctx = atomic_path(path)
         self.n = len(spot_ids)
-        self.spot_ids, self.coords, self.sizes = spot_ids, coords, sizes
+        self.spot_ids, self.centers, self.corners, self.sizes = spot_ids, centers, corners, sizes
+        self.patch_size_level0 = int(patch_size_level0)
         self.attrs = attrs
         self.provenance = provenance or {}
         self._written = np.zeros(self.n, bool)
@@ -76,7 +100,7 @@ class BundleWriter:
         self._tissue = np.zeros(self.n, np.float32)
         self._digest = np.zeros(self.n, np.uint64)
 
-    def __enter__(self) -> "BundleWriter":
+    def __enter__(self) -> BundleWriter:
         tmp = self._ctx.__enter__()
         self.h5 = h5py.File(tmp, "w")
         f = self.h5
@@ -85,7 +109,10 @@ class BundleWriter:
         self._chunk_shapes = [ds.shape[1:] for ds in self.views]
         f["img"] = self.views[0]
         f.create_dataset("barcode", data=np.array(self.spot_ids, dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("coords", data=self.coords.astype(np.int64))
+        coords = f.create_dataset("coords", data=np.asarray(self.corners, np.int64))
+        coords.attrs.update({"patch_size_level0": self.patch_size_level0, "patch_size": int(self.sizes[0]),
+                             "patch_level": 0})
+        f.create_dataset("centers", data=np.asarray(self.centers, np.int64))
         self.padded = f.create_dataset("padded", (self.n, len(self.sizes)), bool)
         self.tissue = f.create_dataset("tissue_fraction", (self.n,), np.float32)
         self.digest = f.create_dataset("spot_digest", (self.n,), np.uint64)
@@ -140,7 +167,10 @@ def read_meta(path, sample: str | None = None) -> dict:
             n_views = int(meta.get("n_views", -1))
             n = int(meta.get("n_spots", -1))
             problems = []
-            for key in ("barcode", "coords", "padded", "tissue_fraction", "spot_digest"):
+            keys = ["barcode", "coords", "padded", "tissue_fraction", "spot_digest"]
+            if format_version(f) >= FIRST_FORMAT_WITH_CENTERS:
+                keys.append("centers")
+            for key in keys:
                 if key not in f:
                     problems.append(f"dataset {key} missing")
                 elif f[key].shape[0] != n:
@@ -181,8 +211,8 @@ def verify_bundle(path, sample: str | None = None) -> dict:
                 for k in range(blocks[0].shape[0]):
                     if spot_digest([b[k] for b in blocks], algorithm) != int(digests[start + k]):
                         raise InputError(f"spot {start + k} ({meta['spot_ids'][start + k]}) does not match its "
-                                         "stored digest: the bundle was modified or damaged; delete it and rerun tiling",
-                                         file=path, sample=sample)
+                                         "stored digest: the bundle was modified or damaged; delete it and rerun "
+                                         "tiling", file=path, sample=sample)
     except OSError as err:
         raise InputError(f"unreadable bundle ({err}); delete it and rerun tiling", file=path, sample=sample) from None
     return meta

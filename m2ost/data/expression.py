@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from m2ost import defaults
 from m2ost.data.spatial import expression_unit
 from m2ost.errors import InputError
 
@@ -71,7 +72,7 @@ def read_h5ad_counts(path, sample=None):
         adata = anndata.read_h5ad(path)
     except Exception as err:
         raise _counts_error(f"cannot read h5ad: {type(err).__name__}: {err}".splitlines()[0], path, sample) from None
-    counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    counts = adata.layers.get("counts", adata.X)
     out = anndata.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=pd.DataFrame(index=adata.obs_names),
                           var=pd.DataFrame(index=adata.var_names))
     return out
@@ -97,14 +98,18 @@ def check_counts(adata, path, sample) -> None:
                             f"{adata.obs_names[obs_dup][0]}", path, sample)
 
 
-def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min_counts: int = 100,
-                     target_sum: float = 1e4, provenance: dict | None = None, spatial: dict | None = None):
+def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min_counts: int | None = None,
+                     target_sum: float | None = None, provenance: dict | None = None, spatial: dict | None = None):
     """Counts -> aligned, QC-filtered, normalised AnnData written to ``out_path``.
 
     ``spots`` is the spot table (bundle order). Spots without counts and count rows without
-    a spot are dropped and counted; no match at all is an error. ``spatial`` is the sample's
-    ``uns["spatial"]`` entry (:func:`m2ost.data.spatial.spatial_entry`), for the viewers.
+    a spot are dropped and counted; no match at all is an error. ``min_counts`` and
+    ``target_sum`` default to the workflow's (``expression`` in the config schema). ``spatial``
+    is the sample's ``uns["spatial"]`` entry (:func:`m2ost.data.spatial.spatial_entry`), for the viewers.
     """
+    settings = defaults.merged("expression", {k: v for k, v in (("min_counts", min_counts),
+                                                                ("target_sum", target_sum)) if v is not None})
+    min_counts, target_sum = settings["min_counts"], settings["target_sum"]
     import scanpy as sc
 
     from m2ost.atomic import atomic_path

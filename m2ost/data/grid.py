@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import ndimage
 from skimage import color, filters, morphology
 
+from m2ost import defaults
 from m2ost.data.slide import open_slide
 from m2ost.errors import InputError
 
@@ -71,8 +72,12 @@ def spot_grid(mask: np.ndarray, scale: float, mpp: float, spacing_um: float,
     return pd.DataFrame(rows, columns=["spot_id", "x", "y", "array_row", "array_col"])
 
 
-def grid_spots(sample: str, slide_info: dict, spacing_um: float, min_tissue_fraction: float) -> pd.DataFrame:
-    """The spot table of an H&E-only slide."""
+def grid_spots(sample: str, slide_info: dict, spacing_um: float | None = None,
+               min_tissue_fraction: float | None = None) -> pd.DataFrame:
+    """The spot table of an H&E-only slide (settings default to the workflow's ``predict`` ones)."""
+    predict = defaults.section("predict")
+    spacing_um = predict["spot_spacing_um"] if spacing_um is None else spacing_um
+    min_tissue_fraction = predict["min_tissue_fraction"] if min_tissue_fraction is None else min_tissue_fraction
 
     with open_slide(slide_info["slide"], sample) as slide:
         mask, scale = detect_tissue(slide, slide_info["mpp"])

@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from m2ost import defaults
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def common_genes(adatas: dict) -> list[str]:
 
 
 def select_panel(method: str, n_genes: int, train: dict[str, str], others: dict[str, str] | None = None,
-                 list_file=None, min_spot_fraction: float = 0.1, seed: int = 0) -> list[str]:
+                 list_file=None, min_spot_fraction: float | None = None, seed: int = 0) -> list[str]:
     """Choose the panel.
 
     Parameters
@@ -62,8 +63,11 @@ def select_panel(method: str, n_genes: int, train: dict[str, str], others: dict[
     train, others
         sample -> expression file for the training samples and the other samples of the split.
     min_spot_fraction
-        Data-driven methods only consider genes detected in at least this fraction of training spots.
+        Data-driven methods only consider genes detected in at least this fraction of training spots
+        (default: the workflow's, ``panel.min_spot_fraction``).
     """
+    if min_spot_fraction is None:
+        min_spot_fraction = defaults.section("panel")["min_spot_fraction"]
     if method not in METHODS:
         raise InputError(f"unknown gene panel method {method!r}; use one of {', '.join(METHODS)}")
     adatas = _load({**train, **(others or {})})

@@ -20,7 +20,8 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
+from collections.abc import Iterator
 
 import numpy as np
 import tifffile
@@ -288,35 +289,35 @@ def write_pyramidal_tiff(
     shapes = pyramid_shapes(source.height, source.width, min_size)
     bigtiff = source.height * source.width * 3 > _BIGTIFF_RAW_BYTES
     path = Path(path)
-    with atomic_path(path) as tmp, contextlib.ExitStack() as cleanup:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-            current: RegionSource = source
-            for level, (h, w) in enumerate(shapes):
-                nxt = None
-                if level + 1 < len(shapes):
-                    nh, nw = shapes[level + 1]
-                    nxt = _RawLevel(tmp.parent, nh, nw)
-                    cleanup.callback(nxt.close)
-                res = 1e4 / (mpp * 2**level)  # pixels per centimetre at this level
-                tw.write(
-                    _tiles_of_level(current, tile, nxt),
-                    shape=(h, w, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",  # tifffile stores JPEG as YCbCr 2x2 from RGB input
-                    compression="jpeg",
-                    compressionargs={"level": quality},
-                    resolution=(res, res),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if level == 0 else 1,  # 1 = reduced-resolution image
-                    software="m2ost",
-                    metadata=None,  # no JSON description: keeps files byte-reproducible
-                    maxworkers=workers,
-                    buffersize=_ENCODE_BATCH_BYTES,
-                )
-                if isinstance(current, _RawLevel):
-                    current.close()  # free its disk space as soon as it is written
-                current = nxt  # type: ignore[assignment]
+    with atomic_path(path) as tmp, contextlib.ExitStack() as cleanup, \
+            tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+        current: RegionSource = source
+        for level, (h, w) in enumerate(shapes):
+            nxt = None
+            if level + 1 < len(shapes):
+                nh, nw = shapes[level + 1]
+                nxt = _RawLevel(tmp.parent, nh, nw)
+                cleanup.callback(nxt.close)
+            res = 1e4 / (mpp * 2**level)  # pixels per centimetre at this level
+            tw.write(
+                _tiles_of_level(current, tile, nxt),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",  # tifffile stores JPEG as YCbCr 2x2 from RGB input
+                compression="jpeg",
+                compressionargs={"level": quality},
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if level == 0 else 1,  # 1 = reduced-resolution image
+                software="m2ost",
+                metadata=None,  # no JSON description: keeps files byte-reproducible
+                maxworkers=workers,
+                buffersize=_ENCODE_BATCH_BYTES,
+            )
+            if isinstance(current, _RawLevel):
+                current.close()  # free its disk space as soon as it is written
+            current = nxt  # type: ignore[assignment]
     return shapes
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 
 from m2ost.errors import InputError

@@ -38,7 +38,7 @@ class Tissue:
     scalef: float = 1.0
 
     @classmethod
-    def from_spatial(cls, xy, mpp: float, entry: dict | None, diameter_px: float) -> "Tissue":
+    def from_spatial(cls, xy, mpp: float, entry: dict | None, diameter_px: float) -> Tissue:
         if not entry:
             return cls(np.asarray(xy, float), diameter_px, mpp)
         factors = entry["scalefactors"]

@@ -136,7 +136,7 @@ class MeanPredictor:
         return {"mean": torch.from_numpy(self.mean)}
 
     @classmethod
-    def from_state(cls, state: dict) -> "MeanPredictor":
+    def from_state(cls, state: dict) -> MeanPredictor:
         return cls(state["mean"].numpy())
 
 
@@ -221,7 +221,7 @@ class RidgePredictor:
                 "x_scale": t(self.x_scale), "coef": t(self.coef), "intercept": t(self.intercept)}
 
     @classmethod
-    def from_state(cls, state: dict) -> "RidgePredictor":
+    def from_state(cls, state: dict) -> RidgePredictor:
         r = cls(state["alphas"])
         r.alpha = state["alpha"]
         r.x_mean, r.x_scale = state["x_mean"].numpy(), state["x_scale"].numpy()

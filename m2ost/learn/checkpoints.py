@@ -41,12 +41,11 @@ def load_checkpoint(path: Path) -> dict:
 
 def write_log(rows: list[dict], path: Path) -> None:
     """``log.csv``: one row per epoch (or per penalty tried, for ridge), atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            w = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(LOG_COLUMNS),
-                               extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        w = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else list(LOG_COLUMNS),
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def model_payload(kind: str, genes: Sequence[str], views: Sequence[int], img_size: int,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from m2ost.data.bundle import digest_algorithm, read_meta, spot_digest
+from m2ost.data.bundle import digest_algorithm, read_centers, read_meta, spot_digest
 from m2ost.data.expression import read_expression
 from m2ost.errors import InputError
 
@@ -33,7 +33,7 @@ class SampleData:
     bundle: str
     rows: np.ndarray        # (n,) int64 rows into the bundle datasets
     spot_ids: np.ndarray    # (n,) str
-    coords: np.ndarray      # (n, 2) float64 spot centres (x, y), level-0 px
+    centers: np.ndarray     # (n, 2) float64 spot centres (x, y), level-0 px
     padded: np.ndarray      # (n, n_selected_views) bool
     targets: np.ndarray | None  # (n, n_genes) float32
     info: dict              # bundle attributes: n_views, size_px, fov_um, mpp
@@ -166,7 +166,7 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
     views = check_views(views, info, bundle, sample)
     with h5py.File(bundle, "r") as f:
         barcodes = _decode(f["barcode"][:])
-        coords_all = np.asarray(f["coords"][:], dtype=np.float64)
+        centers_all = read_centers(f)
         padded_all = (np.asarray(f["padded"][:], dtype=bool) if "padded" in f
                       else np.zeros((len(barcodes), info["n_views"]), dtype=bool))
     if padded_all.ndim == 1:
@@ -182,7 +182,7 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
         rows, targets = _read_targets(expression, genes, barcodes, sample)
 
     spot_ids = barcodes[rows]
-    coords = coords_all[rows]
+    centers = centers_all[rows]
     padded = padded_all[rows][:, views]
     if drop_padded:
         keep = ~padded.any(axis=1)
@@ -190,13 +190,13 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
             log.warning("sample %s: dropped %d of %d spots whose views %s reach outside the "
                         "slide (drop_padded)", sample or info["sample"], int((~keep).sum()),
                         len(keep), views)
-        rows, spot_ids, coords, padded = rows[keep], spot_ids[keep], coords[keep], padded[keep]
+        rows, spot_ids, centers, padded = rows[keep], spot_ids[keep], centers[keep], padded[keep]
         if targets is not None:
             targets = targets[keep]
     if verify:
         verify_rows(bundle, rows, sample or info["sample"])
     return SampleData(sample=sample or info["sample"], bundle=str(bundle), rows=rows,
-                      spot_ids=spot_ids, coords=coords, padded=padded, targets=targets,
+                      spot_ids=spot_ids, centers=centers, padded=padded, targets=targets,
                       info=info)
 
 

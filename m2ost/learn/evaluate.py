@@ -25,6 +25,7 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from m2ost import defaults
 from m2ost.atomic import atomic_path
 from m2ost.data.geojson import prediction_geojson
 from m2ost.data.spatial import recorded_unit, sample_spatial
@@ -36,6 +37,7 @@ from m2ost.eval.summary import SUMMARY_METRICS, jsonable
 from m2ost.learn.dataset import SampleData, check_same_views, load_sample, read_bundle_info
 from m2ost.learn.loader import SpotDataset
 from m2ost.learn.predictor import Predictor, load_model
+from m2ost.plan.settings import eval_settings
 from m2ost.provenance import provenance
 
 
@@ -50,7 +52,7 @@ def gene_table(predictor: Predictor, unit: str) -> pd.DataFrame:
 def check_bundle(predictor: Predictor, info: dict, bundle, sample) -> None:
     """The bundle must offer the model's views at the size and field of view it was trained on."""
     ref = {"n_views": max(predictor.views) + 1,
-           "size_px": {v: predictor.img_size for v in predictor.views},
+           "size_px": dict.fromkeys(predictor.views, predictor.img_size),
            "fov_um": dict(zip(predictor.views, predictor.fov_um))}
     check_same_views(ref, info, predictor.views, bundle, sample, "the model's training data")
 
@@ -67,7 +69,7 @@ def predict_sample(predictor: Predictor, data: SampleData, batch_size: int, work
 def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              expressions: Mapping[str, str], test_samples: Sequence[str],
              out_dir: str | os.PathLike, *, model_name: str | None = None,
-             split: str | None = None, device: str = "auto", batch_size: int = 64,
+             split: str | None = None, device: str | None = None, batch_size: int | None = None,
              workers: int = 0, figures: bool = True, progress: bool = False,
              map_gene: str | None = None) -> dict:
     """Predict every spot (with expression) of each held-out sample and score it.
@@ -86,7 +88,9 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     model_name, split
         Labels written into ``summary.json`` (default: the model kind, "").
     device, batch_size, workers
-        Inference settings. Padded spots are kept: every spot with expression is scored.
+        Inference settings (device and batch size default to the workflow's: ``train.device``, and
+        ``train.eval_batch_size`` or twice ``train.batch_size``). Padded spots are kept: every spot
+        with expression is scored.
     figures
         Also draw the figures and write the QuPath GeoJSON.
     map_gene
@@ -99,6 +103,9 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     """
     if not test_samples:
         raise InputError("no held-out samples to evaluate")
+    workflow = eval_settings({"train": defaults.section("train"), "evaluate": defaults.section("evaluate")})
+    device = workflow["device"] if device is None else device
+    batch_size = workflow["batch_size"] if batch_size is None else batch_size
     predictor = load_model(model_file, device)
     out_dir = Path(out_dir)
     name = model_name or predictor.kind
@@ -131,7 +138,7 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
         if entry:
             spatial[s] = entry
         if figures:
-            tissue = Tissue.from_spatial(data.coords, mpp, entry, diameter_px)
+            tissue = Tissue.from_spatial(data.centers, mpp, entry, diameter_px)
             plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene)
             prediction_geojson(_sample_adata(data, pred, predictor.genes), diameter_px,
                                out_dir / "qupath" / f"{s}.geojson", f"{name} prediction",
@@ -158,7 +165,7 @@ def _sample_adata(data, pred: np.ndarray, genes) -> anndata.AnnData:
     """One sample's predictions and measurements (for its GeoJSON)."""
     return anndata.AnnData(X=pred.astype(np.float32), obs=pd.DataFrame({"spot": data.spot_ids.astype(str)}),
                            var=pd.DataFrame(index=pd.Index(genes, name="gene")),
-                           layers={"measured": data.targets.astype(np.float32)}, obsm={"spatial": data.coords})
+                           layers={"measured": data.targets.astype(np.float32)}, obsm={"spatial": data.centers})
 
 
 def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict, unit: str, spatial: dict) -> None:
@@ -177,7 +184,7 @@ def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict, u
         X=np.concatenate([p for _, p, _ in blocks]).astype(np.float32), obs=obs, var=var,
         layers={"measured": np.concatenate([d.targets for d, _, _ in blocks])
                 .astype(np.float32)},
-        obsm={"spatial": np.concatenate([d.coords for d, _, _ in blocks])})
+        obsm={"spatial": np.concatenate([d.centers for d, _, _ in blocks])})
     adata.uns["m2ost"] = {"model": result["model"], "kind": result["kind"], "split": result["split"],
                           "test_samples": list(result["test_samples"]), "unit": unit,
                           "provenance_json": json.dumps(jsonable(result["provenance"]), sort_keys=True)}

@@ -12,8 +12,9 @@ from m2ost.eval.metrics import gene_pcc_by_group
 from m2ost.learn.baselines import BASELINES
 from m2ost.learn.checkpoints import model_payload, save_checkpoint, write_log
 from m2ost.learn.device import seed_everything
-from m2ost.learn.settings import KINDS, model_fingerprint, train_settings
+from m2ost.learn.settings import model_fingerprint, train_settings
 from m2ost.learn.trainer import train, training_data
+from m2ost.plan.kinds import model_kind
 
 
 def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, str],
@@ -34,13 +35,12 @@ def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, s
 
     Other parameters as in :func:`m2ost.learn.trainer.train`. Returns a dict of what was fitted.
     """
-    if kind not in KINDS:
-        raise InputError(f"model kind '{kind}' is not one of {', '.join(KINDS)}")
-    if kind == "m2ost_single":
-        if views is not None and list(views) != [0]:
-            raise InputError(f"m2ost_single uses view 0 only, got views {list(views)}")
-        views = [0]
-    if kind in ("m2ost", "m2ost_single"):
+    spec = model_kind(kind)
+    if spec.views is not None:
+        if views is not None and list(views) != list(spec.views):
+            raise InputError(f"{kind} uses views {list(spec.views)} only, got views {list(views)}")
+        views = list(spec.views)
+    if spec.neural:
         return train(bundles, expressions, genes_file, train_samples, model_cfg or {},
                      train_cfg, out_dir, views, kind)
     return fit_baseline(kind, bundles, expressions, genes_file, train_samples, train_cfg,

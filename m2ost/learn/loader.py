@@ -91,10 +91,10 @@ class SpotDataset(Dataset):
             np.zeros((0, self.n_genes), np.float32)
 
     def spots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sample names, spot ids, coords) of all items, in item order."""
+        """(sample names, spot ids, spot centres) of all items, in item order."""
         names = np.array([self.data[k].sample for k, _ in self.index], dtype=object)
         ids = np.array([self.data[k].spot_ids[p] for k, p in self.index], dtype=object)
-        xy = np.array([self.data[k].coords[p] for k, p in self.index]).reshape(-1, 2)
+        xy = np.array([self.data[k].centers[p] for k, p in self.index]).reshape(-1, 2)
         return names, ids, xy
 
     # -- HDF5 handles: one set per process ---------------------------------------------------
@@ -172,7 +172,7 @@ class SpotDataset(Dataset):
             self._view_sets[(os.getpid(), k)] = cached
         return cached
 
-    def __getitems__(self, indices: Sequence) -> "Batch":
+    def __getitems__(self, indices: Sequence) -> Batch:
         """A whole batch at once: ``(images (B, V, H, W, 3), targets (B, G), aug (B, 6))``.
 
         Equal to collating :meth:`__getitem__` item by item, but many times faster: the views

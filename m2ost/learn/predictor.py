@@ -16,7 +16,8 @@ from m2ost.learn.checkpoints import load_checkpoint
 from m2ost.learn.device import autocast, pin_memory, resolve_device
 from m2ost.learn.loader import SpotDataset, make_loader
 from m2ost.learn.network import build_network
-from m2ost.learn.settings import KINDS, MODEL_FORMAT
+from m2ost.learn.settings import MODEL_FORMAT
+from m2ost.plan.kinds import KINDS
 
 
 def predict_network(model: torch.nn.Module, dataset: SpotDataset, device: torch.device,

@@ -7,37 +7,21 @@ checkpoint was written with (:func:`run_parts`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
+from m2ost import defaults
 from m2ost.errors import InputError
 from m2ost.learn.augment import NORMALISATION
 
-KINDS = ("m2ost", "m2ost_single", "ridge", "mean")
 MODEL_FORMAT = 1
 
-TRAIN_DEFAULTS = {
-    "epochs": 100,
-    "batch_size": 64,
-    "lr": 1e-4,
-    "weight_decay": 0.01,
-    "workers": 4,
-    "val_fraction": 0.1,
-    "patience": 20,           # epochs without improvement before stopping; 0 = never stop early
-    "seed": 0,
-    "device": "auto",
-    "drop_padded": True,
-    "augment": {"flip": True, "rot90": True, "color_jitter": 0.1},
-    "scheduler": "cosine",    # "cosine" (with linear warm-up) or "none"
-    "warmup_epochs": 1,
-    "min_lr": 0.0,
-    "grad_clip": 0.0,         # max gradient norm; 0 = no clipping
-    "init_head_bias": True,   # start the output bias at the mean training expression
-    "eval_batch_size": 0,     # 0 = 2 x batch_size
-    "progress": True,         # tqdm bar per epoch (rank 0)
-    "compile": False,         # torch.compile the network for the training steps (GPU)
-}
+# The ``train`` section of the workflow's config schema, which documents each key (patience 0 =
+# never stop early; grad_clip 0 = no clipping; eval_batch_size 0 = twice batch_size; scheduler
+# "cosine" with linear warm-up, or "none").
+TRAIN_DEFAULTS = defaults.section("train")
 # Settings that do not change the optimisation path of the epochs already run: a checkpoint
 # may resume under new values of these (e.g. more patience). ``epochs`` joins them when there is
 # no schedule, since then the first k epochs do not depend on the total (a run can be extended);
@@ -47,7 +31,7 @@ RESUME_NEUTRAL = ("workers", "device", "progress", "eval_batch_size", "patience"
 
 def train_settings(train_cfg: Mapping | None) -> dict:
     """``train_cfg`` over :data:`TRAIN_DEFAULTS`, checked. Unknown keys are an error."""
-    cfg = json.loads(json.dumps(TRAIN_DEFAULTS))
+    cfg = copy.deepcopy(TRAIN_DEFAULTS)
     unknown = sorted(set(train_cfg or {}) - set(cfg))
     if unknown:
         raise InputError(f"unknown training settings: {', '.join(unknown)}")

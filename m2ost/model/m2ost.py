@@ -1,8 +1,8 @@
 """M2OST: many-to-one regression of a spot's expression from V views of the same place.
 
 Wang et al., "M2OST: Many-to-one Regression for Predicting Spatial Transcriptomics from Digital
-Pathology Images", AAAI 2025. See the project's METHOD.md for the summary and for the
-problems of the released code that this implementation avoids.
+Pathology Images", AAAI 2025. docs/ARCHITECTURE.md says where this network sits in the
+workflow; the docstrings of the submodules (embedding, attention) note where it departs from the released code.
 
 Layout::
 

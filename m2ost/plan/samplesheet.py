@@ -86,6 +86,30 @@ def _resolve(path: str, root: Path) -> str:
     return os.path.normpath(p if p.is_absolute() else root / p)
 
 
+def _raw_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise InputError("sample sheet not found", file=path)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(
+            (line for line in handle if line.strip() and not line.startswith("#")),
+            delimiter="\t"))
+    if not rows:
+        raise InputError("sample sheet has no rows", file=path)
+    return rows
+
+
+def sheet_rows(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows as ``workflow/schemas/samples.schema.yaml`` describes them: every value a stripped
+    string, ``format`` in lower case (as :func:`read_sample_sheet` reads them)."""
+    out = []
+    for row in _raw_rows(Path(path)):
+        row = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        if "format" in row:
+            row["format"] = row["format"].lower()
+        out.append(row)
+    return out
+
+
 def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".") -> list[Sample]:
     """Read and check a tab-separated sample sheet.
 
@@ -97,15 +121,8 @@ def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".
     """
     path = Path(path)
     root = Path(data_root)
-    if not path.is_file():
-        raise InputError("sample sheet not found", file=path)
-    with open(path, newline="") as handle:
-        rows = [r for r in csv.DictReader(
-            (line for line in handle if line.strip() and not line.startswith("#")),
-            delimiter="\t")]
-        if not rows:
-            raise InputError("sample sheet has no rows", file=path)
-        columns = list(rows[0].keys())
+    rows = _raw_rows(path)
+    columns = list(rows[0].keys())
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise InputError(f"sample sheet lacks column(s) {', '.join(missing)}; has {', '.join(columns)}",
@@ -140,7 +157,8 @@ def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".
             try:
                 mpp = float(row["mpp"])
             except ValueError:
-                raise InputError(f"line {line_no}: mpp {row['mpp']!r} is not a number", file=path, sample=name) from None
+                raise InputError(f"line {line_no}: mpp {row['mpp']!r} is not a number", file=path,
+                                 sample=name) from None
             if not mpp > 0:
                 raise InputError(f"line {line_no}: mpp must be positive, got {mpp}", file=path, sample=name)
         slide = _resolve(row["slide"], root)

@@ -31,9 +31,6 @@ class Split:
     train: tuple[str, ...]
     test: tuple[str, ...]
 
-    def as_dict(self) -> dict:
-        return {"name": self.name, "train": list(self.train), "test": list(self.test)}
-
 
 def _usable(patients: Mapping[str, str | None],
             with_expression: Collection[str] | None) -> dict[str, str]:

@@ -5,21 +5,29 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.utils import validate
+
 REPO = Path(workflow.basedir).resolve()
 # The rules run `python -m m2ost` from the repository, so they work where the package is
 # not installed (as under --use-conda).
 sys.path.insert(0, str(REPO))
 
-from m2ost.plan.samplesheet import read_sample_sheet
+from m2ost.plan import outputs
 from m2ost.plan.formats import slide_needs_conversion
+from m2ost.plan.kinds import is_neural
+from m2ost.plan.samplesheet import read_sample_sheet, sheet_rows
+from m2ost.plan.settings import eval_settings, grid_settings, predict_settings, train_settings
 from m2ost.plan.splits import make_splits
-
 
 # Every shell command sees the repository's package, installed or not (as under --use-conda).
 # (Braces doubled twice: once for this f-string, once for Snakemake's formatting of the command.)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(str(REPO))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 DATA_ROOT = config["data_root"]
 SAMPLES = {s.sample: s for s in read_sample_sheet(config["samples"], DATA_ROOT)}
+# The same check as the config's (the workflow catalog's convention); read_sample_sheet has already
+# refused what it can name by line, so this mostly documents the columns.
+for row in sheet_rows(config["samples"]):
+    validate(row, "../schemas/samples.schema.yaml")
 ST_SAMPLES = [name for name, s in SAMPLES.items() if s.has_expression]
 HE_SAMPLES = [name for name, s in SAMPLES.items() if not s.has_expression]
 PLAIN_SLIDES = [name for name, s in SAMPLES.items() if slide_needs_conversion(s.slide)]
@@ -68,7 +76,7 @@ def scalefactors_arg(wildcards, input):
 def readable_slide(wildcards):
     """The slide the tiler reads: converted pyramid for plain images, else the original."""
     if wildcards.sample in PLAIN_SLIDES:
-        return f"results/slides/{wildcards.sample}.tif"
+        return outputs.PYRAMID.format(sample=wildcards.sample)
     return SAMPLES[wildcards.sample].slide
 
 
@@ -81,17 +89,17 @@ def split_samples(split):
 
 
 def expression_files(samples):
-    return [f"results/expression/{s}.h5ad" for s in samples]
+    return outputs.per_sample(outputs.EXPRESSION, samples)
 
 
 def bundle_files(samples):
-    return [f"results/bundles/{s}.h5" for s in samples]
+    return outputs.per_sample(outputs.BUNDLE, samples)
 
 
 def pairs(samples, kind):
     """SAMPLE=PATH arguments for the command line."""
-    pattern = {"expression": "results/expression/{}.h5ad", "bundle": "results/bundles/{}.h5"}[kind]
-    return " ".join(shlex.quote(f"{s}={pattern.format(s)}") for s in samples)
+    pattern = {"expression": outputs.EXPRESSION, "bundle": outputs.BUNDLE}[kind]
+    return " ".join(shlex.quote(f"{s}={pattern.format(sample=s)}") for s in samples)
 
 
 def data_targets():
@@ -111,7 +119,7 @@ def demo_outputs():
 def prepare_inputs(wildcards):
     inputs = {"slide": SAMPLES[wildcards.sample].slide}
     if SAMPLES[wildcards.sample].has_expression:
-        inputs["spots"] = f"results/spots/{wildcards.sample}.tsv"
+        inputs["spots"] = outputs.SPOTS.format(sample=wildcards.sample)
     return inputs
 
 
@@ -132,50 +140,21 @@ def panel_settings():
     return panel
 
 
-NEURAL = ("m2ost", "m2ost_single")
-
-
 def train_launcher(wildcards):
     """``python``, or torchrun with one process per GPU for the neural models
     (launch.train_processes); m2ost.learn.trainer then trains with DistributedDataParallel."""
     n = config["launch"]["train_processes"]
-    if wildcards.model not in NEURAL or n == 1:
+    if not is_neural(wildcards.model) or n == 1:
         return "python"
     return f"python -m torch.distributed.run --standalone --nproc_per_node={n}"
 
 
-def train_settings(model):
-    """Only the settings a model kind uses, so changing one reruns just the models it affects."""
-    if model in NEURAL:
-        return {"model": config["model"], "train": config["train"]}
-    keep = ("seed", "val_fraction", "drop_padded", "workers")
-    return {"train": {k: v for k, v in config["train"].items() if k in keep}}
-
-
-def eval_settings():
-    t = config["train"]
-    return {
-        "device": t["device"],
-        "batch_size": t["eval_batch_size"] or 2 * t["batch_size"],
-        "map_gene": config["evaluate"]["map_gene"],
-    }
-
-
-def predict_settings():
-    p = config["predict"]
-    return {
-        "device": config["train"]["device"],
-        "batch_size": p["batch_size"],
-        "target_sum": config["expression"]["target_sum"],
-        **{k: p[k] for k in ("spot_diameter_um", "map_genes", "n_map_genes")},
-    }
-
-
 def summary_files():
-    return [f"results/metrics/{m}/{s}/summary.json" for m in config["models"] for s in SPLITS]
+    summary = outputs.evaluation("summary")
+    return [summary.format(model=m, split=s) for m in config["models"] for s in SPLITS]
 
 
 def all_targets():
-    targets = data_targets() + ["results/metrics/summary.tsv"]
-    targets += [f"results/predictions/{s}.h5ad" for s in HE_SAMPLES]
+    targets = data_targets() + [outputs.SUMMARY_TABLE]
+    targets += outputs.per_sample(outputs.PREDICTION, HE_SAMPLES)
     return targets

@@ -4,23 +4,23 @@
 rule expression:
     input:
         counts=lambda w: source_file(w.sample, "counts"),
-        spots="results/spots/{sample}.tsv",
+        spots=outputs.SPOTS,
         # the H&E thumbnail of uns["spatial"] (for scanpy/squidpy) is read from the slide
-        info="results/slides/{sample}.json",
+        info=outputs.SLIDE_INFO,
         slide=readable_slide,
     output:
-        "results/expression/{sample}.h5ad",
-    params:
-        fmt=lambda w: SAMPLES[w.sample].format,
-        settings=as_json(config["expression"]),
-    resources:
-        mem_mb=4000,
+        outputs.EXPRESSION,
     log:
         "logs/expression/{sample}.log",
     benchmark:
         "benchmarks/results/expression/{sample}.tsv"
     conda:
         "../../envs/expression.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        fmt=lambda w: SAMPLES[w.sample].format,
+        settings=as_json(config["expression"]),
     shell:
         "python -m m2ost expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
         "--spots {input.spots:q} --slide-info {input.info:q} --settings {params.settings:q} --out {output:q} 2> {log}"
@@ -32,15 +32,15 @@ rule panel:
         other=lambda w: expression_files(split_samples(w.split)[1]),
         genes=panel_settings()["list_file"] or [],
     output:
-        "results/genes/{split}.txt",
-    params:
-        train=lambda w: pairs(split_samples(w.split)[0], "expression"),
-        other=lambda w: pairs(split_samples(w.split)[1], "expression"),
-        settings=as_json(panel_settings()),
+        outputs.PANEL,
     log:
         "logs/panel/{split}.log",
     conda:
         "../../envs/expression.yaml"
+    params:
+        train=lambda w: pairs(split_samples(w.split)[0], "expression"),
+        other=lambda w: pairs(split_samples(w.split)[1], "expression"),
+        settings=as_json(panel_settings()),
     shell:
         "python -m m2ost panel --train {params.train} --other {params.other} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"

@@ -1,28 +1,29 @@
 # Training, evaluation, the summary table, and prediction on H&E-only slides.
 
+
 rule train:
     input:
         bundles=lambda w: bundle_files(split_samples(w.split)[0]),
         expression=lambda w: expression_files(split_samples(w.split)[0]),
-        genes="results/genes/{split}.txt",
+        genes=outputs.PANEL,
     output:
-        "results/models/{model}/{split}/model.pt",
-    params:
-        bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
-        expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
-        settings=lambda w: as_json(train_settings(w.model)),
-        launcher=train_launcher,
-        out_dir=lambda w, output: os.path.dirname(output[0]),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=720,
+        outputs.MODEL,
     log:
         "logs/train/{model}/{split}.log",
     benchmark:
         "benchmarks/results/train/{model}/{split}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    params:
+        bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
+        expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
+        settings=lambda w: as_json(train_settings(w.model, config)),
+        launcher=train_launcher,
+        out_dir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
         "--genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
@@ -30,40 +31,40 @@ rule train:
 
 rule evaluate:
     input:
-        model="results/models/{model}/{split}/model.pt",
+        model=outputs.MODEL,
         bundles=lambda w: bundle_files(split_samples(w.split)[1]),
         expression=lambda w: expression_files(split_samples(w.split)[1]),
     output:
-        summary="results/metrics/{model}/{split}/summary.json",
-        predictions="results/metrics/{model}/{split}/predictions.h5ad",
-        per_gene=directory("results/metrics/{model}/{split}/per_gene"),
+        summary=outputs.evaluation("summary"),
+        predictions=outputs.evaluation("predictions"),
+        per_gene=directory(outputs.evaluation("per_gene")),
         # Every held-out sample has the same figures (maps, genes), so each combination of the
         # labels the report offers exists; the split is part of the sample's label, not a label
         # of its own (a split holds only its own held-out samples).
         figures=report(
-            directory("results/metrics/{model}/{split}/figures"),
+            directory(outputs.evaluation("figures")),
             patterns=["{sample}.{figure}.png"],
             caption="../report/evaluation.rst",
             category="Evaluation",
             subcategory="{model}",
             labels={"held-out sample": "{sample} ({split})", "figure": "{figure}"},
         ),
-        qupath=directory("results/metrics/{model}/{split}/qupath"),
-    params:
-        bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
-        expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
-        settings=as_json(eval_settings()),
-        out_dir=lambda w, output: os.path.dirname(output.summary),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
+        qupath=directory(outputs.evaluation("qupath")),
     log:
         "logs/evaluate/{model}/{split}.log",
     benchmark:
         "benchmarks/results/evaluate/{model}/{split}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
+        expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
+        settings=as_json(eval_settings(config)),
+        out_dir=lambda w, output: os.path.dirname(output.summary),
     shell:
         "python -m m2ost evaluate --model {input.model:q} --bundle {params.bundles} --expression {params.expression} "
         "--name {wildcards.model} --split {wildcards.split} --settings {params.settings:q} "
@@ -76,19 +77,19 @@ rule summary:
         per_gene=[os.path.join(os.path.dirname(f), "per_gene") for f in summary_files()],
     output:
         table=report(
-            "results/metrics/summary.tsv",
+            outputs.SUMMARY_TABLE,
             caption="../report/summary.rst",
             category="Summary",
             labels={"content": "table (TSV)"},
         ),
         html=report(
-            "results/metrics/summary.html",
+            outputs.SUMMARY_HTML,
             caption="../report/summary.rst",
             category="Summary",
             labels={"content": "table"},
         ),
         png=report(
-            "results/metrics/per_gene_pcc.png",
+            outputs.SUMMARY_FIGURE,
             caption="../report/comparison.rst",
             category="Summary",
             labels={"content": "per-gene PCC of every model"},
@@ -104,17 +105,17 @@ rule summary:
 
 rule grid_spots:
     input:
-        info="results/slides/{sample}.json",
+        info=outputs.SLIDE_INFO,
     output:
-        "results/spots/{sample}.tsv",
-    wildcard_constraints:
-        sample=_alternatives(HE_SAMPLES),
-    params:
-        settings=as_json({k: config["predict"][k] for k in ("spot_spacing_um", "min_tissue_fraction")}),
+        outputs.SPOTS,
     log:
         "logs/grid_spots/{sample}.log",
+    wildcard_constraints:
+        sample=_alternatives(HE_SAMPLES),
     conda:
         "../../envs/slides.yaml"
+    params:
+        settings=as_json(grid_settings(config)),
     shell:
         "python -m m2ost grid-spots --sample {wildcards.sample} --slide-info {input.info:q} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"
@@ -122,33 +123,31 @@ rule grid_spots:
 
 rule predict:
     input:
-        model=f"results/models/{config['predict']['model']}/{PREDICT_SPLIT}/model.pt",
-        bundle="results/bundles/{sample}.h5",
+        model=outputs.MODEL.format(model=config["predict"]["model"], split=PREDICT_SPLIT),
+        bundle=outputs.BUNDLE,
     output:
-        h5ad="results/predictions/{sample}.h5ad",
+        h5ad=outputs.PREDICTION,
         png=report(
-            "results/predictions/{sample}.png",
+            outputs.PREDICTION_MAP,
             caption="../report/prediction.rst",
             category="Prediction",
             labels={"slide": "{sample}"},
         ),
-        geojson="results/predictions/{sample}.geojson",
-    wildcard_constraints:
-        sample=_alternatives(HE_SAMPLES),
-    params:
-        settings=as_json(predict_settings()),
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
+        geojson=outputs.PREDICTION_GEOJSON,
     log:
         "logs/predict/{sample}.log",
     benchmark:
         "benchmarks/results/predict/{sample}.tsv"
+    wildcard_constraints:
+        sample=_alternatives(HE_SAMPLES),
     conda:
         "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        settings=as_json(predict_settings(config)),
     shell:
         "python -m m2ost predict --model {input.model:q} --bundle {input.bundle:q} --sample {wildcards.sample} "
         "--settings {params.settings:q} --out {output.h5ad:q} --png {output.png:q} --geojson {output.geojson:q} 2> {log}"
-
-

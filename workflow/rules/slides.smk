@@ -5,17 +5,17 @@ rule spots:
     input:
         unpack(spots_inputs),
     output:
-        "results/spots/{sample}.tsv",
+        outputs.SPOTS,
+    log:
+        "logs/spots/{sample}.log",
     wildcard_constraints:
         sample=_alternatives(ST_SAMPLES),
+    conda:
+        "../../envs/slides.yaml"
     params:
         fmt=lambda w: SAMPLES[w.sample].format,
         flag="" if config["spots"]["in_tissue_only"] else "--keep-off-tissue",
         scalefactors=scalefactors_arg,
-    log:
-        "logs/spots/{sample}.log",
-    conda:
-        "../../envs/slides.yaml"
     shell:
         "python -m m2ost spots --sample {wildcards.sample} --format {params.fmt} --positions {input.positions:q} "
         "{params.scalefactors} {params.flag} --out {output:q} 2> {log}"
@@ -25,16 +25,16 @@ rule prepare_slide:
     input:
         unpack(prepare_inputs),
     output:
-        "results/slides/{sample}.json",
+        outputs.SLIDE_INFO,
+    log:
+        "logs/prepare_slide/{sample}.log",
     wildcard_constraints:
         sample=_alternatives(set(SAMPLES) - set(PLAIN_SLIDES)),
+    conda:
+        "../../envs/slides.yaml"
     params:
         args=prepare_args,
         mpp=lambda w: SAMPLES[w.sample].mpp,
-    log:
-        "logs/prepare_slide/{sample}.log",
-    conda:
-        "../../envs/slides.yaml"
     shell:
         "python -m m2ost prepare-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--out {output:q} 2> {log}"
@@ -44,20 +44,20 @@ rule convert_slide:
     input:
         unpack(prepare_inputs),
     output:
-        info="results/slides/{sample}.json",
-        pyramid="results/slides/{sample}.tif",
-    wildcard_constraints:
-        sample=_alternatives(PLAIN_SLIDES),
-    params:
-        args=prepare_args,
-        mpp=lambda w: SAMPLES[w.sample].mpp,
-        settings=as_json(config["slides"]),
+        info=outputs.SLIDE_INFO,
+        pyramid=outputs.PYRAMID,
     log:
         "logs/convert_slide/{sample}.log",
     benchmark:
         "benchmarks/results/convert_slide/{sample}.tsv"
+    wildcard_constraints:
+        sample=_alternatives(PLAIN_SLIDES),
     conda:
         "../../envs/slides.yaml"
+    params:
+        args=prepare_args,
+        mpp=lambda w: SAMPLES[w.sample].mpp,
+        settings=as_json(config["slides"]),
     shell:
         "python -m m2ost convert-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--converted {output.pyramid:q} --settings {params.settings:q} --out {output.info:q} 2> {log}"
@@ -66,22 +66,22 @@ rule convert_slide:
 rule tile:
     input:
         slide=readable_slide,
-        info="results/slides/{sample}.json",
-        spots="results/spots/{sample}.tsv",
+        info=outputs.SLIDE_INFO,
+        spots=outputs.SPOTS,
     output:
-        "results/bundles/{sample}.h5",
-    params:
-        settings=as_json({"views": config["views"]}),
-    threads: config["tiling"]["threads"]
-    resources:
-        mem_mb=2000,
-        runtime=120,
+        outputs.BUNDLE,
     log:
         "logs/tile/{sample}.log",
     benchmark:
         "benchmarks/results/tile/{sample}.tsv"
     conda:
         "../../envs/slides.yaml"
+    threads: config["tiling"]["threads"]
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    params:
+        settings=as_json({"views": config["views"]}),
     shell:
         "python -m m2ost tile --sample {wildcards.sample} --slide-info {input.info:q} --spots {input.spots:q} "
         "--settings {params.settings:q} --workers {threads} --no-progress --out {output:q} 2> {log}"

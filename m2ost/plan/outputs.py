@@ -1,0 +1,53 @@
+"""Where the workflow writes: every output path pattern, written once (standard library only).
+
+The rules take their ``output:`` (and the inputs of later rules) from here; the package uses the
+names of the files it writes inside a folder (a model's, an evaluation's). Patterns use the
+rules' wildcards: ``{sample}``, ``{split}``, ``{model}``.
+"""
+
+from __future__ import annotations
+
+# Per sample
+SLIDE_INFO = "results/slides/{sample}.json"
+PYRAMID = "results/slides/{sample}.tif"  # plain images converted to a pyramidal TIFF
+SPOTS = "results/spots/{sample}.tsv"
+BUNDLE = "results/bundles/{sample}.h5"
+EXPRESSION = "results/expression/{sample}.h5ad"
+PREDICTION = "results/predictions/{sample}.h5ad"
+PREDICTION_MAP = "results/predictions/{sample}.png"
+PREDICTION_GEOJSON = "results/predictions/{sample}.geojson"  # QuPath
+
+# Per split, and per model kind and split
+PANEL = "results/genes/{split}.txt"
+MODEL_DIR = "results/models/{model}/{split}"
+EVALUATION_DIR = "results/metrics/{model}/{split}"
+SUMMARY_TABLE = "results/metrics/summary.tsv"
+SUMMARY_HTML = "results/metrics/summary.html"
+SUMMARY_FIGURE = "results/metrics/per_gene_pcc.png"  # every model's per-gene PCC on every split
+
+# Inside a model's folder (m2ost.learn.fit, m2ost.learn.trainer)
+MODEL_FILE = "model.pt"
+TRAINING_LOG = "log.csv"
+CHECKPOINTS = "checkpoints"
+
+# Inside an evaluation's folder (m2ost.learn.evaluate)
+EVALUATION_SUMMARY = "summary.json"
+EVALUATION_PREDICTIONS = "predictions.h5ad"
+EVALUATION_PER_GENE = "per_gene"
+EVALUATION_FIGURES = "figures"  # {sample}.maps.png, {sample}.genes.png (m2ost.eval.figures)
+EVALUATION_QUPATH = "qupath"  # {sample}.geojson
+
+MODEL = f"{MODEL_DIR}/{MODEL_FILE}"
+
+
+def evaluation(part: str) -> str:
+    """The pattern of one output of an evaluation (``summary``, ``predictions``, ``per_gene``,
+    ``figures``, ``qupath``)."""
+    names = {"summary": EVALUATION_SUMMARY, "predictions": EVALUATION_PREDICTIONS,
+             "per_gene": EVALUATION_PER_GENE, "figures": EVALUATION_FIGURES, "qupath": EVALUATION_QUPATH}
+    return f"{EVALUATION_DIR}/{names[part]}"
+
+
+def per_sample(pattern: str, samples) -> list[str]:
+    """``pattern`` filled for each sample."""
+    return [pattern.format(sample=s) for s in samples]

@@ -1,0 +1,47 @@
+"""Which settings reach each rule (standard library only).
+
+Every setting reaches a rule through ``params:``, so a changed setting reruns exactly the jobs
+that use it; these functions decide what each job gets from the (validated, default-filled)
+workflow config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from m2ost.plan.kinds import model_kind
+
+
+def train_settings(kind: str, config: Mapping) -> dict:
+    """The ``--settings`` of a ``train`` job: only what the model kind uses, so changing a setting
+    refits just the kinds it affects."""
+    k = model_kind(kind)
+    train = dict(config["train"])
+    if k.train_keys is not None:
+        train = {key: value for key, value in train.items() if key in k.train_keys}
+    return {"model": dict(config["model"]), "train": train} if k.neural else {"train": train}
+
+
+def eval_batch_size(train: Mapping) -> int:
+    """Spots per inference batch when scoring: ``eval_batch_size``, or twice the training batch."""
+    return int(train["eval_batch_size"]) or 2 * int(train["batch_size"])
+
+
+def eval_settings(config: Mapping) -> dict:
+    """The ``--settings`` of an ``evaluate`` job."""
+    return {"device": config["train"]["device"], "batch_size": eval_batch_size(config["train"]),
+            "map_gene": config["evaluate"]["map_gene"]}
+
+
+def predict_settings(config: Mapping) -> dict:
+    """The ``--settings`` of a ``predict`` job (H&E-only slides): inference, the unit of the
+    expression stage, and what the maps and the GeoJSON draw."""
+    predict = config["predict"]
+    return {"device": config["train"]["device"], "batch_size": predict["batch_size"],
+            "target_sum": config["expression"]["target_sum"],
+            **{key: predict[key] for key in ("spot_diameter_um", "map_genes", "n_map_genes")}}
+
+
+def grid_settings(config: Mapping) -> dict:
+    """The ``--settings`` of a ``grid_spots`` job (the spot grid of an H&E-only slide)."""
+    return {key: config["predict"][key] for key in ("spot_spacing_um", "min_tissue_fraction")}
