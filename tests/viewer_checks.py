@@ -15,8 +15,8 @@ from matplotlib.image import AxesImage  # noqa: E402
 
 
 def check_draws_over_tissue(adata, sample: str, level0_size: tuple[int, int] | None = None) -> None:
-    """``sc.pl.spatial(adata, color=gene)`` with no other argument draws the H&E and the spots;
-    the hires image covers the slide at its scale factor."""
+    """``sc.pl.spatial(adata, color=gene)`` and ``squidpy.pl.spatial_scatter`` with no other
+    argument draw the H&E and the spots; the hires image covers the slide at its scale factor."""
     import scanpy as sc
 
     entry = adata.uns["spatial"][sample]
@@ -37,6 +37,13 @@ def check_draws_over_tissue(adata, sample: str, level0_size: tuple[int, int] | N
     plt.close("all")
     assert images and images[0].get_array().shape[:2] == image.shape[:2], "no H&E drawn"
     assert spots, "no spots drawn"
+    import squidpy as sq
+
+    sq.pl.spatial_scatter(adata, color=str(adata.var_names[0]))
+    ax = plt.gcf().axes[0]
+    drawn = len(ax.images), [len(c.get_paths()) for c in ax.collections]
+    plt.close("all")
+    assert drawn[0] == 1 and adata.n_obs in drawn[1], f"squidpy drew {drawn}"
 
 
 def polygon_contains(ring: np.ndarray, x: float, y: float) -> bool:
