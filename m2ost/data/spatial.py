@@ -17,8 +17,10 @@ from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
-# Space Ranger's "hires" image is 2000 px on its long side; the same here.
+# Space Ranger's "hires" image is 2000 px on its long side; the same here, but never finer than
+# 2 µm per pixel (a 55 µm spot is still 27 px wide; a small slide's image stays small).
 HIRES_MAX_PX = 2000
+HIRES_FINEST_UM_PER_PX = 2.0
 # Spot diameters of the platforms, µm: Visium 55 µm, legacy ST 100 µm (HEST-1k h5ad holds both;
 # its sample sheet names no platform, so the Visium size is assumed).
 SPOT_DIAMETER_UM = {"visium": 55.0, "legacy_st": 100.0, "h5ad": 55.0}
@@ -36,12 +38,14 @@ def expression_unit(target_sum: float) -> str:
     return per or f"log1p(counts per {float(target_sum):g})"
 
 
-def tissue_image(slide_path, sample: str | None = None, max_px: int = HIRES_MAX_PX) -> tuple[np.ndarray, float]:
-    """A downsampled RGB image of the whole slide (uint8, long side ``max_px`` at most), read
-    through OpenSlide, and its scale factor (image px per level-0 px)."""
+def tissue_image(slide_path, sample: str | None = None, mpp: float | None = None,
+                 max_px: int = HIRES_MAX_PX) -> tuple[np.ndarray, float]:
+    """A downsampled RGB image of the whole slide (uint8, long side ``max_px`` at most, and no
+    finer than :data:`HIRES_FINEST_UM_PER_PX` where ``mpp`` is given), read through OpenSlide,
+    and its scale factor (image px per level-0 px)."""
     with open_slide(slide_path, sample) as slide:
         width, height = slide.dimensions
-        scale = min(1.0, max_px / max(width, height))
+        scale = min(1.0, max_px / max(width, height), (mpp or 0) / HIRES_FINEST_UM_PER_PX or 1.0)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = slide.get_thumbnail(size).convert("RGB")
         if image.size != size:  # OpenSlide keeps the aspect ratio, which may round a pixel off
@@ -61,7 +65,7 @@ def slide_spatial(slide_path, mpp: float, diameter_um: float, sample: str | None
     """The entry of a slide, or None (with a warning) when the slide cannot be read: the viewers
     then draw the spots without the H&E, which is no reason to fail a finished prediction."""
     try:
-        image, scalef = tissue_image(slide_path, sample)
+        image, scalef = tissue_image(slide_path, sample, mpp)
     except InputError as err:
         log.warning("%s: no H&E image for the viewers (%s)", sample, err)
         return None
