@@ -120,7 +120,10 @@ def plot_prediction_maps(adata, tissue: Tissue, out_png, unit: str, genes: list[
     x = np.asarray(adata.X)
     names = list(map(str, adata.var_names))
     chosen = [g for g in (genes or []) if g in names] or most_variable(x, names, n_genes)
-    fig = gene_panels(tissue, {g: x[:, names.index(g)] for g in chosen}, unit,
+    val = adata.var.get("val_pcc")
+    labels = {g: g if val is None or not np.isfinite(val[g]) else f"{g} (validation PCC {val[g]:.2f})"
+              for g in chosen}
+    fig = gene_panels(tissue, {labels[g]: x[:, names.index(g)] for g in chosen}, unit,
                       title or "predicted expression")
     _savefig(fig, Path(out_png))
     return chosen
