@@ -300,7 +300,7 @@ def combine(runs: list[dict]) -> dict:
 def prepare_her2st(work: Path, data: Path) -> dict:
     import pandas as pd
 
-    from m2ost.data.pyramid import convert_to_pyramid
+    from m2ost.data.convert import convert_to_pyramid
 
     image = data / "her2st" / "images" / "HE" / "B4.jpg"
     positions = data / "her2st" / "spot-selections" / "B4_selection.tsv"

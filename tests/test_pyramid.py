@@ -15,13 +15,9 @@ from scipy import ndimage as ndi
 
 openslide = pytest.importorskip("openslide")
 
+from m2ost.data.convert import convert_to_pyramid, read_plain_image  # noqa: E402
+from m2ost.data.pyramid import pyramid_shapes, write_pyramidal_tiff  # noqa: E402
 from m2ost.errors import InputError  # noqa: E402
-from m2ost.data.pyramid import (  # noqa: E402
-    convert_to_pyramid,
-    pyramid_shapes,
-    read_plain_image,
-    write_pyramidal_tiff,
-)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from m2ost import defaults
+from m2ost.atomic import atomic_path
 from m2ost.data.spatial import expression_unit
 from m2ost.errors import InputError
 
@@ -111,8 +112,6 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
                                                                 ("target_sum", target_sum)) if v is not None})
     min_counts, target_sum = settings["min_counts"], settings["target_sum"]
     import scanpy as sc
-
-    from m2ost.atomic import atomic_path
 
     if fmt not in READERS:
         raise _counts_error(f"unknown expression format {fmt!r}", counts_path, sample)

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from m2ost import defaults
+from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,5 @@ def _moran_scores(adatas: dict, train: list[str], genes: list[str]) -> np.ndarra
 
 
 def write_panel(genes: list[str], path) -> None:
-    from m2ost.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(genes) + "\n")

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 from m2ost.plan.formats import TIFF_EXTENSIONS
 
@@ -104,14 +105,13 @@ def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, she
     With ``converted_path`` the slide is a plain image and is written there as a pyramidal
     TIFF carrying the resolution. The JSON names the slide the later stages read.
     """
-    from m2ost.atomic import atomic_path
     from m2ost.data.spots import read_spots
 
     spots = read_spots(spots_tsv, sample) if spots_tsv else None
     if not os.path.isfile(slide_path):
         raise InputError("slide not found", file=slide_path, sample=sample)
     if converted_path:
-        from m2ost.data.pyramid import convert_to_pyramid
+        from m2ost.data.convert import convert_to_pyramid
 
         mpp, source = resolve_mpp(sample, plain_image_mpp(slide_path), sheet_mpp, spots, fmt, slide_path)
         log.info("%s: converting %s to a pyramidal TIFF at %.4f µm/px (%s)", sample, slide_path, mpp, source)

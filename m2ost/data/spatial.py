@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
+import h5py
 import numpy as np
+from anndata.io import read_elem
 
 from m2ost.data.slide import open_slide
 from m2ost.errors import InputError
@@ -74,8 +76,6 @@ def slide_spatial(slide_path, mpp: float, diameter_um: float, sample: str | None
 
 def bundle_slide(bundle, sample: str | None = None) -> tuple[str | None, float]:
     """The slide a bundle was tiled from (as the tiler read it; None if not recorded) and its µm per pixel."""
-    import h5py
-
     try:
         with h5py.File(bundle, "r") as f:
             slide, mpp = f.attrs.get("slide"), float(f.attrs["mpp"])
@@ -112,9 +112,6 @@ def recorded_unit(expression) -> str:
 
 def read_uns(path) -> dict:
     """An h5ad's ``uns`` alone (not its matrices)."""
-    import h5py
-    from anndata.io import read_elem
-
     try:
         with h5py.File(path, "r") as f:
             return read_elem(f["uns"]) if "uns" in f else {}

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -229,8 +230,6 @@ def check_spots(table: pd.DataFrame, file, sample) -> pd.DataFrame:
 
 
 def write_spots(table: pd.DataFrame, path) -> None:
-    from m2ost.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         table[COLUMNS].to_csv(tmp, sep="\t", index=False, float_format="%.3f")
 

@@ -51,6 +51,8 @@ def fit_baseline(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
                  genes_file: str, train_samples: Sequence[str], train_cfg: Mapping | None,
                  out_dir: str | os.PathLike, views: Sequence[int] | None = None) -> dict:
     """Fit the ``mean`` or ``ridge`` baseline on the same train/validation spots as a network."""
+    if kind not in BASELINES:
+        raise InputError(f"model kind '{kind}' has no baseline implementation in m2ost.learn.baselines.BASELINES")
     cfg = train_settings(train_cfg)
     cfg["augment"] = None  # baselines see the spots as they are
     seed_everything(int(cfg["seed"]))

@@ -1,0 +1,138 @@
+"""One set of defaults: a call without settings uses exactly what the workflow runs.
+
+The workflow fills its config from workflow/schemas/config.schema.yaml (Snakemake's validate with
+set_default); the package's fallbacks come from the same file (m2ost.defaults). Each test runs a
+subcommand or library call without settings and checks what it used against the schema's
+defaults as Snakemake fills them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from realdata import SVS, her2st_files, needs_her2st, needs_svs
+from robustness_helpers import cli_in_process
+
+from m2ost import defaults
+from m2ost.learn.settings import TRAIN_DEFAULTS, train_settings
+from m2ost.plan.settings import eval_batch_size
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@pytest.fixture(scope="module")
+def workflow_config() -> dict:
+    """The config the workflow runs with when it sets nothing but the sample sheet."""
+    from snakemake.utils import validate
+
+    config = {"samples": "samples.tsv"}
+    validate(config, str(SCHEMA), set_default=True)
+    return config
+
+
+def _ok(argv, capsys):
+    status, err = cli_in_process(argv, capsys)
+    assert status == 0, err[-3000:]
+
+
+def test_the_package_reads_the_schema_as_snakemake_fills_it(workflow_config):
+    assert defaults.config_defaults() == {k: v for k, v in workflow_config.items() if k != "samples"}
+    assert workflow_config["train"] == TRAIN_DEFAULTS
+    assert train_settings({}) == train_settings(None) == workflow_config["train"]
+    assert train_settings({"epochs": 3})["epochs"] == 3 and train_settings({"patience": 0})["patience"] == 0
+
+
+def test_a_missing_schema_is_one_clear_error(tmp_path, monkeypatch):
+    from m2ost.errors import InputError
+
+    monkeypatch.setenv(defaults.SCHEMA_ENV, str(tmp_path / "nowhere.yaml"))
+    with pytest.raises(InputError, match=r"nowhere\.yaml\] config schema not found.*M2OST_CONFIG_SCHEMA"):
+        defaults.section("train")
+
+
+def test_train_and_evaluate_without_settings(study, tmp_path, capsys, workflow_config):
+    """``train`` (a baseline: seconds) and ``evaluate`` without --settings record the workflow's settings."""
+    bundles = [f"{s}={study['bundles'][s]}" for s in ("A", "B", "C")]
+    expressions = [f"{s}={study['expressions'][s]}" for s in ("A", "B", "C")]
+    _ok(["train", "--kind", "mean", "--bundle", *bundles[:2], "--expression", *expressions[:2],
+         "--genes", study["genes_file"], "--out-dir", tmp_path / "mean"], capsys)
+    meta = torch.load(tmp_path / "mean" / "model.pt", weights_only=True)
+    used = dict(meta["train_cfg"])
+    assert used.pop("augment") is None  # baselines see the spots as they are
+    assert used == {k: v for k, v in workflow_config["train"].items() if k != "augment"}
+    _ok(["evaluate", "--model", tmp_path / "mean" / "model.pt", "--bundle", bundles[2], "--expression",
+         expressions[2], "--out-dir", tmp_path / "eval"], capsys)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    used = summary["provenance"]["settings"]
+    train = workflow_config["train"]
+    assert (used["device"], used["batch_size"]) == (train["device"], eval_batch_size(train))
+
+
+def test_predict_without_settings(study, tmp_path, capsys, monkeypatch, workflow_config):
+    import m2ost.learn.predict as predict
+
+    _ok(["train", "--kind", "mean", "--bundle", f"A={study['bundles']['A']}", "--expression",
+         f"A={study['expressions']['A']}", "--genes", study["genes_file"], "--out-dir", tmp_path / "mean"], capsys)
+    seen = {}
+    real_load, real_predict = predict.load_model, predict.predict_sample
+    monkeypatch.setattr(predict, "load_model", lambda f, device: seen.update(device=device) or real_load(f, device))
+    monkeypatch.setattr(predict, "predict_sample", lambda p, d, batch_size, *a: seen.update(batch_size=batch_size)
+                        or real_predict(p, d, batch_size, *a))
+    _ok(["predict", "--model", tmp_path / "mean" / "model.pt", "--bundle", study["bundles"]["C"], "--sample", "C",
+         "--out", tmp_path / "C.h5ad"], capsys)
+    assert seen == {"device": workflow_config["train"]["device"],
+                    "batch_size": workflow_config["predict"]["batch_size"]}
+
+
+@needs_svs
+def test_tiling_and_grid_without_settings(tmp_path, capsys, monkeypatch, workflow_config):
+    """The real SVS: ``grid-spots`` and ``tile`` without settings use the workflow's grid and views."""
+    import m2ost.cli.run_slides as run_slides
+
+    info = tmp_path / "slide.json"
+    _ok(["prepare-slide", "--sample", "S", "--slide", SVS, "--out", info], capsys)
+    _ok(["grid-spots", "--sample", "S", "--slide-info", info, "--out", tmp_path / "grid.tsv"], capsys)
+    explicit = tmp_path / "explicit.tsv"
+    _ok(["grid-spots", "--sample", "S", "--slide-info", info, "--out", explicit, "--settings",
+         json.dumps({k: workflow_config["predict"][k] for k in ("spot_spacing_um", "min_tissue_fraction")})], capsys)
+    assert (tmp_path / "grid.tsv").read_text() == explicit.read_text()
+
+    table = (tmp_path / "grid.tsv").read_text().splitlines()
+    (tmp_path / "two.tsv").write_text("\n".join(table[: 1 + 2]) + "\n")  # two spots are enough
+    workers = []
+    real = run_slides.tile_slide
+    monkeypatch.setattr(run_slides, "tile_slide", lambda *a, **k: workers.append(k["workers"]) or real(*a, **k))
+    _ok(["tile", "--sample", "S", "--slide-info", info, "--spots", tmp_path / "two.tsv", "--no-progress",
+         "--out", tmp_path / "S.h5"], capsys)
+    assert workers == [workflow_config["tiling"]["threads"]]
+    with h5py.File(tmp_path / "S.h5") as f:
+        mpp = float(f.attrs["mpp"])
+        assert [int(s) for s in f.attrs["size_px"]] == [v["size_px"] for v in workflow_config["views"]]
+        assert np.allclose(f.attrs["fov_um"], [v["fov_um"] for v in workflow_config["views"]], rtol=1 / 500 / mpp)
+
+
+@needs_her2st
+def test_expression_and_panel_without_settings(tmp_path, capsys, workflow_config):
+    """Real HER2+ section B4: ``expression`` and ``panel`` without settings."""
+    files = her2st_files("B4")
+    spots, out = tmp_path / "B4.tsv", tmp_path / "B4.h5ad"
+    _ok(["spots", "--sample", "B4", "--format", "legacy_st", "--positions", files["positions"], "--out", spots], capsys)
+    _ok(["expression", "--sample", "B4", "--format", "legacy_st", "--counts", files["counts"], "--spots", spots,
+         "--out", out], capsys)
+    adata = anndata.read_h5ad(out)
+    expected = workflow_config["expression"]
+    assert adata.uns["m2ost"]["min_counts"] == expected["min_counts"]
+    assert adata.uns["m2ost"]["target_sum"] == expected["target_sum"]
+    assert adata.obs["total_counts"].min() >= expected["min_counts"]
+    assert np.allclose(np.expm1(adata.X.toarray()).sum(axis=1), expected["target_sum"], rtol=1e-3)
+    panel = tmp_path / "genes.txt"
+    _ok(["panel", "--train", f"B4={out}", "--out", panel], capsys)
+    assert len(panel.read_text().split()) == workflow_config["panel"]["n_genes"]
