@@ -114,7 +114,7 @@ def test_evaluate_mean_baseline_writes_files(study, tmp_path):
     assert summary["mean"]["gene_pcc_mean"] == 0.0  # a constant carries no information
     assert summary["mean"]["spot_pcc_paper"] > 0.5
     assert res["n_spots"] == 20
-    for f in ("C.maps.png", "C.pcc_hist.png"):
+    for f in ("C.maps.png", "C.genes.png"):
         assert (tmp_path / "eval" / "figures" / f).stat().st_size > 1000
 
     import anndata

@@ -10,6 +10,7 @@ import pytest
 
 from realdata import SVS, needs_svs
 from synthetic import FOV_UM, TINY_MODEL, tiny_train_cfg
+from viewer_checks import check_draws_over_tissue, check_qupath_geojson
 
 from m2ost.learn.predict import predict_slide
 from m2ost.learn.fit import fit_model
@@ -51,3 +52,9 @@ def test_prediction_on_the_real_svs(model_file, study, tmp_path):
         assert f["view_0"].shape[0] == n_spots
     assert (tmp_path / "CMU1.png").stat().st_size > 0
     assert not list(tmp_path.rglob("*.tmp*"))  # nothing half-written left behind
+    # What the viewers read: the unit, the genes' validation Pearson r, the H&E for scanpy/squidpy,
+    # and QuPath's GeoJSON on the original slide (spots of 55 µm, the default).
+    assert adata.uns["m2ost"]["unit"] == "log1p CP10k" and set(adata.var["unit"]) == {"log1p CP10k"}
+    assert "val_pcc" in adata.var and "log1p" in adata.uns
+    check_draws_over_tissue(adata, "CMU1", (width, height))
+    check_qupath_geojson(tmp_path / "CMU1.geojson", adata, width, height, 55.0 / mpp)

@@ -186,3 +186,24 @@ def test_real_her2st_jpeg(tmp_path):
     got = np.asarray(slide.read_region((3000, 3000), 0, (2000, 2000)).convert("RGB"))
     assert np.abs(got.astype(int) - ref[3000:5000, 3000:5000]).mean() < 2.0
     assert elapsed < 120, f"conversion took {elapsed:.1f} s"
+
+    # QuPath GeoJSON of the section's spots (100 µm legacy ST spots) fits the original JPEG and
+    # the converted pyramid alike: each circle encloses its spot centre, and the pixels around
+    # the centre are the same in both images (the pyramid's level 0 is the JPEG, unscaled).
+    from viewer_checks import polygon_contains
+
+    from m2ost.data.geojson import spot_features
+    from m2ost.data.spots import read_positions
+
+    table = read_positions("legacy_st", SHARED_DATA / "her2st" / "spot-selections" / "B4_selection.tsv", "B4")
+    xy = table[["x", "y"]].to_numpy(float)
+    features = spot_features(table["spot_id"], xy, 100 / 0.69, {"row": np.arange(len(table))}, "spot")["features"]
+    assert len(features) == len(table) > 200
+    for i in range(0, len(features), 25):
+        ring = np.asarray(features[i]["geometry"]["coordinates"][0])
+        x, y = xy[i]
+        assert polygon_contains(ring, x, y) and features[i]["properties"]["measurements"]["row"] == i
+        assert (ring.min(0) >= 0).all() and ring[:, 0].max() < 9272 and ring[:, 1].max() < 9923
+        cx, cy = int(round(x)), int(round(y))
+        window = np.asarray(slide.read_region((cx - 16, cy - 16), 0, (32, 32)).convert("RGB")).astype(int)
+        assert np.abs(window - ref[cy - 16:cy + 16, cx - 16:cx + 16]).mean() < 4.0

@@ -289,6 +289,13 @@ def test_evaluate_network_and_predict_bundle(ref, study, tmp_path):
 
     pred = anndata.read_h5ad(tmp_path / "eval" / "predictions.h5ad")
     assert np.allclose(pred.X, adata.X, atol=1e-5)  # batching does not change predictions
+    # The model's per-gene Pearson r on its validation spots travels into both files: undefined
+    # for the all-zero gene, and averaging to the best epoch's validation score of the log.
+    val = adata.var["val_pcc"].to_numpy()
+    assert np.allclose(pred.var["val_pcc"], val, equal_nan=True)
+    assert np.isnan(val).sum() == s["n_genes_undefined"] and np.isfinite(val).any()
+    assert np.nanmean(val) == pytest.approx(ref[1]["best_val_gene_pcc"], abs=1e-5)
+    assert set(pred.var["unit"]) == {pred.uns["m2ost"]["unit"]} and "log1p" in pred.uns
 
 
 def test_best_epoch_is_chosen_on_validation_and_patience_stops(study, tmp_path, monkeypatch):

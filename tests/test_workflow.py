@@ -175,6 +175,49 @@ def test_outputs_record_their_provenance(fast_run):
     check(find_provenance(pred.uns["m2ost"]), "predictions P3_HE", ("torch",))
 
 
+def test_outputs_open_in_scanpy_squidpy_and_qupath(fast_run):
+    """Every kind of h5ad draws over the tissue in sc.pl.spatial with no extra argument; the
+    evaluation and prediction GeoJSON fit the slide; the figures exist; each training printed
+    its epoch lines where the user sees them (Snakemake's own output, not only the log)."""
+    import anndata
+    import openslide
+    from viewer_checks import check_draws_over_tissue, check_qupath_geojson
+
+    wd = fast_run.workdir
+    assert "val gene PCC" in fast_run.output and "[train m2ost " in fast_run.output
+    assert "val gene PCC" in (wd / "logs/train/m2ost/s1.log").read_text()  # and in the log
+
+    def slide_size(sample):
+        info = json.loads((wd / f"results/slides/{sample}.json").read_text())
+        with openslide.OpenSlide(str(wd / info["slide"])) as slide:
+            return slide.dimensions
+
+    for sample in ST:
+        adata = anndata.read_h5ad(wd / f"results/expression/{sample}.h5ad")
+        assert "log1p" in adata.uns and adata.uns["m2ost"]["unit"] == "log1p CP10k"
+        check_draws_over_tissue(adata, sample, slide_size(sample))
+    for split in SPLITS:
+        folder = wd / f"results/metrics/m2ost/{split}"
+        adata = anndata.read_h5ad(folder / "predictions.h5ad")
+        (sample,) = CONFIG["splits"]["explicit"][split]["test"]
+        assert isinstance(adata.uns["m2ost"], dict) and "val_pcc" in adata.var and "unit" in adata.var
+        check_draws_over_tissue(adata, sample, slide_size(sample))
+        diameter = adata.uns["spatial"][sample]["scalefactors"]["spot_diameter_fullres"]
+        collection = check_qupath_geojson(folder / "qupath" / f"{sample}.geojson", adata, *slide_size(sample),
+                                          diameter)
+        assert f"measured: {adata.var_names[0]}" in collection["features"][0]["properties"]["measurements"]
+        for figure in ("maps", "genes"):
+            assert (folder / "figures" / f"{sample}.{figure}.png").stat().st_size > 10_000
+    for sample in HE:
+        adata = anndata.read_h5ad(wd / f"results/predictions/{sample}.h5ad")
+        assert isinstance(adata.uns["m2ost"], dict) and np.isfinite(adata.var["val_pcc"]).any()
+        check_draws_over_tissue(adata, sample, slide_size(sample))
+        check_qupath_geojson(wd / f"results/predictions/{sample}.geojson", adata, *slide_size(sample),
+                             adata.uns["spatial"][sample]["scalefactors"]["spot_diameter_fullres"])
+    assert (wd / "results/metrics/per_gene_pcc.png").stat().st_size > 10_000
+    assert "<table" in (wd / "results/metrics/summary.html").read_text()
+
+
 # --------------------------------------------------------------------------- precise reruns
 
 

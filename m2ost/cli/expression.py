@@ -15,6 +15,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="platform of the counts file")
     p.add_argument("--counts", required=True, help="counts (Visium h5/folder, legacy ST table, h5ad)")
     p.add_argument("--spots", required=True, help="spot table")
+    p.add_argument("--slide-info", help="slide info JSON of the prepare stage: its H&E thumbnail goes into "
+                   'uns["spatial"] for scanpy/squidpy (default: no image)')
     p.add_argument("--settings", help="JSON: min_counts, target_sum (default: the workflow's)")
     p.add_argument("--out", required=True, help="expression (h5ad)")
 
@@ -34,3 +36,5 @@ def add_parsers(sub) -> None:
     p = add_command(sub, "summary", f"{RUN}:summary", "one table of every (model, split) summary")
     p.add_argument("summaries", nargs="+", help="summary.json files of the evaluate stage")
     p.add_argument("--out", required=True, help="summary table (TSV)")
+    p.add_argument("--html", help="also the table as an HTML page (for the report)")
+    p.add_argument("--png", help="also a figure of every model's per-gene PCC on every split")

@@ -26,15 +26,18 @@ def add_parsers(sub) -> None:
                    help="expression of the held-out samples")
     p.add_argument("--name", help="model name in the summary (default: the model kind)")
     p.add_argument("--split", help="split name in the summary")
-    p.add_argument("--settings", help=f"JSON: device, batch_size, workers {WORKFLOW}")
+    p.add_argument("--settings", help=f"JSON: device, batch_size, workers, map_gene (a gene mapped besides the "
+                   f"best and the median one) {WORKFLOW}")
     p.add_argument("--out-dir", required=True, help="folder of summary.json, per_gene/, figures/, predictions.h5ad")
 
     p = add_command(sub, "predict", f"{RUN}:predict", "predict every spot of a bundle (an H&E-only slide)")
     p.add_argument("--model", required=True, help="model.pt")
     p.add_argument("--bundle", required=True, help="bundle of the slide")
     p.add_argument("--sample", required=True, help="sample name")
-    p.add_argument("--settings", help=f"JSON: device, batch_size {WORKFLOW}")
-    p.add_argument("--png", help="also draw maps of the most variable predicted genes")
+    p.add_argument("--settings", help="JSON: device, batch_size, target_sum (the expression stage's, for the unit), "
+                   f"spot_diameter_um, map_genes, n_map_genes {WORKFLOW}")
+    p.add_argument("--png", help="also draw maps over the H&E (map_genes, else the n_map_genes most variable)")
+    p.add_argument("--geojson", help="also write the spots with their predictions for QuPath (GeoJSON)")
     p.add_argument("--out", required=True, help="predictions (h5ad)")
 
     p = add_command(sub, "predict-slide", f"{RUN}:predict_slide",
@@ -48,7 +51,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, help=f"spots per inference batch {WORKFLOW}")
     p.add_argument("--workers", type=int, default=1, help="tiling processes")
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N {WORKFLOW}")
-    p.add_argument("--out-dir", required=True, help="folder of {sample}.h5ad, {sample}.png and work/")
+    p.add_argument("--target-sum", type=float,
+                   help=f"the expression stage's target_sum the model was trained with (sets the unit) {WORKFLOW}")
+    p.add_argument("--spot-diameter-um", type=float,
+                   help=f"spot size of the maps, GeoJSON and uns['spatial'] (Visium 55, legacy ST 100) {WORKFLOW}")
+    p.add_argument("--genes", nargs="+", help=f"genes to map; without it, the --n-genes most variable {WORKFLOW}")
+    p.add_argument("--n-genes", type=int, help=f"how many most variable genes to map without --genes {WORKFLOW}")
+    p.add_argument("--out-dir", required=True,
+                   help="folder of {sample}.h5ad, {sample}.png, {sample}.geojson and work/")
 
     p = add_command(sub, "model-info", f"{RUN}:model_info", "parameters and FLOPs of every model variant")
     p.add_argument("--views", type=int, default=3, help="number of views")

@@ -9,8 +9,11 @@ from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.data.expression import build_expression
 from m2ost.data.panel import select_panel, write_panel
 from m2ost.data.quality import quality_table, write_quality_table
+from m2ost.data.slide import read_slide_info
+from m2ost.data.spatial import slide_spatial, spot_diameter_um
 from m2ost.data.spots import read_spots
-from m2ost.eval.summary import aggregate
+from m2ost.eval.figures import plot_model_comparison, write_table_html
+from m2ost.eval.summary import aggregate, per_gene_scores
 from m2ost.provenance import provenance
 
 log = logging.getLogger("m2ost")
@@ -18,9 +21,13 @@ log = logging.getLogger("m2ost")
 
 def expression(args) -> None:
     settings = defaults.merged("expression", parse_settings(args.settings))
+    spatial = None
+    if args.slide_info:
+        info = read_slide_info(args.slide_info, args.sample)
+        spatial = slide_spatial(info["slide"], info["mpp"], spot_diameter_um(args.format), args.sample)
     build_expression(args.sample, args.format, args.counts, read_spots(args.spots, args.sample), args.out,
                      min_counts=settings["min_counts"], target_sum=settings["target_sum"],
-                     provenance=provenance(settings))
+                     provenance=provenance(settings), spatial=spatial)
 
 
 def panel(args) -> None:
@@ -34,6 +41,10 @@ def panel(args) -> None:
 def summary(args) -> None:
     table = aggregate(args.summaries, args.out)
     log.info("\n%s", table.to_string(index=False))
+    if args.html:
+        write_table_html(table, args.html, "Held-out evaluation: mean over the held-out samples of each split")
+    if args.png:
+        plot_model_comparison(per_gene_scores(args.summaries), args.png)
 
 
 def data_summary(args) -> None:

@@ -6,10 +6,9 @@ import logging
 
 from m2ost import defaults
 from m2ost.cli.options import parse_pairs, parse_settings
-from m2ost.eval.figures import plot_prediction_maps
 from m2ost.learn.evaluate import evaluate as evaluate_model
 from m2ost.learn.fit import fit_model
-from m2ost.learn.predict import predict_bundle
+from m2ost.learn.predict import predict_bundle, prediction_outputs
 from m2ost.learn.predict import predict_slide as predict_one_slide
 from m2ost.model.info import print_variants
 
@@ -29,21 +28,24 @@ def evaluate(args) -> None:
     expressions = parse_pairs(args.expression, "--expression")
     evaluate_model(args.model, parse_pairs(args.bundle, "--bundle"), expressions, list(expressions), args.out_dir,
                    model_name=args.name, split=args.split, device=settings.get("device"),
-                   batch_size=settings.get("batch_size"), workers=settings.get("workers", 0))
+                   batch_size=settings.get("batch_size"), workers=settings.get("workers", 0),
+                   map_gene=settings.get("map_gene"))
 
 
 def predict(args) -> None:
     settings = parse_settings(args.settings)
     adata = predict_bundle(args.model, args.bundle, args.out, sample=args.sample,
-                           device=settings.get("device"), batch_size=settings.get("batch_size"))
-    if args.png:
-        plot_prediction_maps(adata, args.png, title=f"{args.sample}: predicted expression")
+                           device=settings.get("device"), batch_size=settings.get("batch_size"),
+                           target_sum=settings.get("target_sum"), spot_diameter_um=settings.get("spot_diameter_um"))
+    prediction_outputs(adata, args.png, args.geojson, settings.get("map_genes"), settings.get("n_map_genes"))
 
 
 def predict_slide(args) -> None:
     out = predict_one_slide(args.slide, args.model, args.out_dir, sample=args.sample, mpp=args.mpp,
                             spacing_um=args.spacing_um, min_tissue_fraction=args.min_tissue_fraction,
-                            batch_size=args.batch_size, workers=args.workers, device=args.device)
+                            batch_size=args.batch_size, workers=args.workers, device=args.device,
+                            target_sum=args.target_sum, spot_diameter_um=args.spot_diameter_um,
+                            genes=args.genes, n_genes=args.n_genes)
     log.info("predictions written to %s", out)
 
 

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from m2ost import defaults
 from m2ost.atomic import atomic_path
+from m2ost.data.spatial import expression_unit
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,13 @@ def check_counts(adata, path, sample) -> None:
 
 
 def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min_counts: int | None = None,
-                     target_sum: float | None = None, provenance: dict | None = None):
+                     target_sum: float | None = None, provenance: dict | None = None, spatial: dict | None = None):
     """Counts -> aligned, QC-filtered, normalised AnnData written to ``out_path``.
 
     ``spots`` is the spot table (bundle order). Spots without counts and count rows without
     a spot are dropped and counted; no match at all is an error. ``min_counts`` and
-    ``target_sum`` default to the workflow's (``expression`` in the config schema).
+    ``target_sum`` default to the workflow's (``expression`` in the config schema). ``spatial``
+    is the sample's ``uns["spatial"]`` entry (:func:`m2ost.data.spatial.spatial_entry`), for the viewers.
     """
     settings = defaults.merged("expression", {k: v for k, v in (("min_counts", min_counts),
                                                                 ("target_sum", target_sum)) if v is not None})
@@ -154,9 +156,12 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
     adata.uns["m2ost"] = {"sample": sample, "format": fmt, "counts": str(counts_path),
                           "min_counts": min_counts, "target_sum": target_sum,
                           "dropped_no_counts": no_counts, "dropped_no_spot": no_spot,
-                          "dropped_low_counts": int(low.sum()), "provenance_json": _json(provenance),
-                          "qc_json": _json(qc)}
-    adata.uns.pop("log1p", None)
+                          "dropped_low_counts": int(low.sum()), "unit": expression_unit(target_sum),
+                          "provenance_json": _json(provenance), "qc_json": _json(qc)}
+    # sc.pp.log1p's record that X is log-transformed (natural log) stays: scanpy reads it later
+    adata.uns["log1p"] = {"base": None}
+    if spatial:
+        adata.uns["spatial"] = {sample: spatial}
     adata.uns["m2ost"]["content_digest"] = content_digest(adata)
     log.info("%s: %d spots x %d genes kept; median library size %.0f counts, %d genes detected", sample,
              adata.n_obs, adata.n_vars, qc["median_library_size"], qc["genes_detected"])

@@ -74,6 +74,22 @@ def mean_gene_pcc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
 
 
+def gene_pcc_by_group(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray,
+                      genes: Sequence[str]) -> dict[str, float]:
+    """Per-gene Pearson within each group of spots (a sample's validation spots), averaged over the
+    groups where defined: gene -> r (NaN where no group defines it). What a model stores so a
+    user knows which predicted genes to trust, measured on spots it was not fitted on."""
+    rows = [gene_pcc(y_true[groups == g], y_pred[groups == g]) for g in np.unique(groups)
+            if (groups == g).sum() >= MIN_SPOTS]
+    if not rows:
+        return {str(g): float("nan") for g in genes}
+    stacked = np.vstack(rows)
+    ok = np.isfinite(stacked)
+    n = ok.sum(axis=0)
+    mean = np.where(n > 0, np.where(ok, stacked, 0.0).sum(axis=0) / np.maximum(n, 1), np.nan)
+    return {str(g): float(r) for g, r in zip(genes, mean)}
+
+
 def _check(y_true: np.ndarray, y_pred: np.ndarray, sample: str | None) -> None:
     if len(y_true) < MIN_SPOTS:
         raise InputError(f"held-out sample has {len(y_true)} spot(s); per-gene Pearson needs at "

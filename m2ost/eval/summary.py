@@ -65,3 +65,23 @@ def aggregate(summary_files: Sequence[str | os.PathLike],
         result.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
     return result
 
+
+
+def per_gene_scores(summary_files: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Per-gene Pearson r of every (model, split, held-out sample): model, split, sample, gene, pcc.
+
+    Read from the ``per_gene/{sample}.tsv`` files beside each ``summary.json``.
+    """
+    frames = []
+    for path in summary_files:
+        s = json.loads(Path(path).read_text())
+        for sample in s["test_samples"]:
+            table = Path(path).parent / "per_gene" / f"{sample}.tsv"
+            try:
+                scores = pd.read_csv(table, sep="\t", usecols=["gene", "pcc"])
+            except (OSError, ValueError, pd.errors.ParserError) as err:
+                raise InputError(f"cannot read per-gene scores ({err})".splitlines()[0], file=table,
+                                 sample=sample) from None
+            frames.append(scores.assign(model=s["model"], split=s["split"], sample=sample))
+    columns = ["model", "split", "sample", "gene", "pcc"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)

@@ -5,9 +5,11 @@
 ``per_gene/{sample}.tsv``        gene, pcc, defined, rmse, mae, mean_true, mean_pred
 ``summary.json``                 per-sample scores and their mean over the held-out samples
 ``predictions.h5ad``             held-out spots x panel genes: X = prediction,
-                                 layers["measured"], obs sample/spot, obsm["spatial"]
-``figures/{sample}.maps.png``    measured vs predicted maps of the best and the median gene
-``figures/{sample}.pcc_hist.png`` histogram of the per-gene Pearson correlations
+                                 layers["measured"], obs sample/spot, obsm["spatial"],
+                                 uns["spatial"] (H&E for scanpy/squidpy), unit and per-gene PCC in var
+``figures/{sample}.maps.png``    measured vs predicted over the H&E: best, median (and chosen) gene
+``figures/{sample}.genes.png``   per-gene Pearson of the panel; scatter of the best and median gene
+``qupath/{sample}.geojson``      spots with measured and predicted expression, for QuPath
 
 The scoring itself (:mod:`m2ost.eval`) needs no torch; this module runs the model.
 """
@@ -25,8 +27,11 @@ import pandas as pd
 
 from m2ost import defaults
 from m2ost.atomic import atomic_path
+from m2ost.data.geojson import prediction_geojson
+from m2ost.data.spatial import recorded_unit, sample_spatial
 from m2ost.errors import InputError
 from m2ost.eval.figures import plot_sample
+from m2ost.eval.maps import Tissue
 from m2ost.eval.metrics import MIN_SPOTS, score
 from m2ost.eval.summary import SUMMARY_METRICS, jsonable
 from m2ost.learn.dataset import SampleData, check_same_views, load_sample, read_bundle_info
@@ -34,6 +39,15 @@ from m2ost.learn.loader import SpotDataset
 from m2ost.learn.predictor import Predictor, load_model
 from m2ost.plan.settings import eval_settings
 from m2ost.provenance import provenance
+
+
+def gene_table(predictor: Predictor, unit: str) -> pd.DataFrame:
+    """var of a prediction file: the unit, and the model's Pearson r per gene on the validation
+    spots of its training samples (which predicted genes to trust; NaN where not recorded)."""
+    val = predictor.meta.get("val_gene_pcc_per_gene") or {}
+    return pd.DataFrame({"unit": unit, "val_pcc": [float(val.get(g, np.nan)) for g in predictor.genes]},
+                        index=pd.Index(predictor.genes, name="gene"))
+
 
 def check_bundle(predictor: Predictor, info: dict, bundle, sample) -> None:
     """The bundle must offer the model's views at the size and field of view it was trained on."""
@@ -56,7 +70,8 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              expressions: Mapping[str, str], test_samples: Sequence[str],
              out_dir: str | os.PathLike, *, model_name: str | None = None,
              split: str | None = None, device: str | None = None, batch_size: int | None = None,
-             workers: int = 0, figures: bool = True, progress: bool = False) -> dict:
+             workers: int = 0, figures: bool = True, progress: bool = False,
+             map_gene: str | None = None) -> dict:
     """Predict every spot (with expression) of each held-out sample and score it.
 
     Parameters
@@ -77,7 +92,9 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
         ``train.eval_batch_size`` or twice ``train.batch_size``). Padded spots are kept: every spot
         with expression is scored.
     figures
-        Also draw the maps and histograms.
+        Also draw the figures and write the QuPath GeoJSON.
+    map_gene
+        A gene mapped besides the best and the median one (when in the panel).
 
     Returns
     -------
@@ -86,7 +103,7 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     """
     if not test_samples:
         raise InputError("no held-out samples to evaluate")
-    workflow = eval_settings({"train": defaults.section("train")})
+    workflow = eval_settings({"train": defaults.section("train"), "evaluate": defaults.section("evaluate")})
     device = workflow["device"] if device is None else device
     batch_size = workflow["batch_size"] if batch_size is None else batch_size
     predictor = load_model(model_file, device)
@@ -107,6 +124,8 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
                              "to the training side of the split or leave it out)",
                              file=expressions[s], sample=s)
         loaded[s] = data
+    unit = recorded_unit(expressions[test_samples[0]])
+    spatial = {}
     for s in test_samples:
         data = loaded[s]
         pred = predict_sample(predictor, data, batch_size, workers, progress)
@@ -115,8 +134,15 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
             per_gene.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
         per_sample[s] = summary
         blocks.append((data, pred, per_gene))
+        entry, mpp, diameter_px = sample_spatial(s, bundles[s], expressions[s])
+        if entry:
+            spatial[s] = entry
         if figures:
-            plot_sample(data, pred, per_gene, out_dir / "figures", s, name)
+            tissue = Tissue.from_spatial(data.centers, mpp, entry, diameter_px)
+            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene)
+            prediction_geojson(_sample_adata(data, pred, predictor.genes), diameter_px,
+                               out_dir / "qupath" / f"{s}.geojson", f"{name} prediction",
+                               measured_layer="measured")
 
     means = {k: float(np.nanmean([per_sample[s][k] for s in test_samples]))
              if any(np.isfinite(per_sample[s][k]) for s in test_samples) else float("nan")
@@ -129,13 +155,20 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
               "primary_metric": "gene_pcc_mean",
               "provenance": provenance({"model_fingerprint": predictor.meta.get("fingerprint"),
                                         "device": device, "batch_size": batch_size})}
-    _write_predictions(blocks, predictor, out_dir / "predictions.h5ad", result)
+    _write_predictions(blocks, predictor, out_dir / "predictions.h5ad", result, unit, spatial)
     with atomic_path(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(jsonable(result), indent=2, sort_keys=True) + "\n")
     return result
 
 
-def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict) -> None:
+def _sample_adata(data, pred: np.ndarray, genes) -> anndata.AnnData:
+    """One sample's predictions and measurements (for its GeoJSON)."""
+    return anndata.AnnData(X=pred.astype(np.float32), obs=pd.DataFrame({"spot": data.spot_ids.astype(str)}),
+                           var=pd.DataFrame(index=pd.Index(genes, name="gene")),
+                           layers={"measured": data.targets.astype(np.float32)}, obsm={"spatial": data.centers})
+
+
+def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict, unit: str, spatial: dict) -> None:
 
     obs = pd.DataFrame({
         "sample": np.concatenate([[d.sample] * len(d) for d, _, _ in blocks]),
@@ -144,7 +177,7 @@ def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict) -
     })
     obs.index = (obs["sample"] + ":" + obs["spot"]).to_numpy()
     obs["sample"] = obs["sample"].astype("category")
-    var = pd.DataFrame(index=pd.Index(predictor.genes, name="gene"))
+    var = gene_table(predictor, unit)
     for d, _, per_gene in blocks:
         var[f"pcc_{d.sample}"] = per_gene["pcc"].to_numpy()
     adata = anndata.AnnData(
@@ -152,9 +185,12 @@ def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict) -
         layers={"measured": np.concatenate([d.targets for d, _, _ in blocks])
                 .astype(np.float32)},
         obsm={"spatial": np.concatenate([d.centers for d, _, _ in blocks])})
-    adata.uns["m2ost"] = json.dumps(jsonable({k: result[k] for k in
-                                               ("model", "kind", "split", "test_samples",
-                                                "provenance")}), sort_keys=True)
+    adata.uns["m2ost"] = {"model": result["model"], "kind": result["kind"], "split": result["split"],
+                          "test_samples": list(result["test_samples"]), "unit": unit,
+                          "provenance_json": json.dumps(jsonable(result["provenance"]), sort_keys=True)}
+    adata.uns["log1p"] = {"base": None}  # X and layers["measured"] are log1p-normalised, as in scanpy
+    if spatial:
+        adata.uns["spatial"] = spatial
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
 

@@ -18,29 +18,39 @@ import pandas as pd
 
 from m2ost import defaults
 from m2ost.atomic import atomic_path
+from m2ost.data.geojson import prediction_geojson
 from m2ost.data.grid import grid_spots
 from m2ost.data.slide import prepare_slide
+from m2ost.data.spatial import expression_unit, sample_spatial
 from m2ost.data.spots import write_spots
 from m2ost.data.tiling import View, tile_slide
 from m2ost.eval.figures import plot_prediction_maps
+from m2ost.eval.maps import Tissue
 from m2ost.learn.dataset import load_sample, read_bundle_info
-from m2ost.learn.evaluate import check_bundle, predict_sample
+from m2ost.learn.evaluate import check_bundle, gene_table, predict_sample
 from m2ost.learn.predictor import load_model
 from m2ost.plan.formats import slide_needs_conversion
 from m2ost.plan.settings import predict_settings
 from m2ost.provenance import provenance
 
+
 def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                    out_h5ad: str | os.PathLike, *, sample: str | None = None,
                    device: str | None = None, batch_size: int | None = None, workers: int = 0,
-                   progress: bool = False):
+                   progress: bool = False, target_sum: float | None = None,
+                   spot_diameter_um: float | None = None):
     """Predict the panel's expression at every spot of a bundle (no expression needed).
 
-    Writes ``out_h5ad``: spots x genes, X = prediction, obs spot ids (index), padded flag,
-    tissue fraction; obsm["spatial"]. Returns the AnnData. ``device`` and ``batch_size`` default
-    to the workflow's (``train.device``, ``predict.batch_size``).
+    Writes ``out_h5ad``: spots x genes, X = prediction (log1p of counts scaled to ``target_sum``,
+    the expression stage's unit), obs spot ids (index), padded flag, tissue fraction;
+    obsm["spatial"]; var unit and val_pcc (the model's per-gene Pearson r on its validation
+    spots); uns["spatial"] (the H&E, spots of ``spot_diameter_um``) for scanpy and squidpy.
+    Returns the AnnData. Unset settings are the workflow's (``train.device``,
+    ``predict.batch_size``, ``expression.target_sum``, ``predict.spot_diameter_um``).
     """
     device, batch_size = _inference(device, batch_size)
+    target_sum = defaults.section("expression")["target_sum"] if target_sum is None else target_sum
+    spot_diameter_um = defaults.section("predict")["spot_diameter_um"] if spot_diameter_um is None else spot_diameter_um
 
     predictor = load_model(model_file, device)
     info = read_bundle_info(bundle, sample)
@@ -52,21 +62,42 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                   if "tissue_fraction" in f else np.full(len(data), np.nan, np.float32))
     obs = pd.DataFrame({"padded": data.padded.any(axis=1), "tissue_fraction": tissue},
                        index=pd.Index(data.spot_ids.astype(str), name="spot"))
-    adata = anndata.AnnData(X=pred.astype(np.float32), obs=obs,
-                            var=pd.DataFrame(index=pd.Index(predictor.genes, name="gene")),
+    unit = expression_unit(target_sum)
+    adata = anndata.AnnData(X=pred.astype(np.float32), obs=obs, var=gene_table(predictor, unit),
                             obsm={"spatial": data.centers})
-    adata.uns["m2ost"] = json.dumps(provenance({"model_file": str(model_file),
-                                                "model_fingerprint":
-                                                    predictor.meta.get("fingerprint"),
-                                                "bundle": str(bundle), "sample": data.sample}),
-                                    sort_keys=True)
+    entry, mpp, diameter_px = sample_spatial(data.sample, bundle, diameter_um=spot_diameter_um)
+    adata.uns["m2ost"] = {"sample": data.sample, "model_file": str(model_file), "unit": unit,
+                          "spot_diameter_px": diameter_px, "mpp": mpp,
+                          "provenance_json": json.dumps(provenance({
+                              "model_file": str(model_file), "model_fingerprint": predictor.meta.get("fingerprint"),
+                              "bundle": str(bundle), "sample": data.sample}), sort_keys=True)}
+    adata.uns["log1p"] = {"base": None}  # X is log1p-normalised, as after sc.pp.log1p
+    if entry:
+        adata.uns["spatial"] = {data.sample: entry}
     with atomic_path(out_h5ad) as tmp:
         adata.write_h5ad(tmp)
     return adata
 
 
+def prediction_outputs(adata, png=None, geojson=None, genes: list[str] | None = None,
+                       n_genes: int | None = None) -> None:
+    """The maps over the H&E and the QuPath GeoJSON of a prediction file's AnnData. Unset, the
+    genes are the workflow's (``predict.map_genes``, else the ``predict.n_map_genes`` most variable)."""
+    workflow = defaults.section("predict")
+    genes = workflow["map_genes"] if genes is None else genes
+    n_genes = workflow["n_map_genes"] if n_genes is None else n_genes
+    record = adata.uns["m2ost"]
+    sample = record["sample"]
+    entry = adata.uns.get("spatial", {}).get(sample)
+    if png:
+        tissue = Tissue.from_spatial(adata.obsm["spatial"], record["mpp"], entry, record["spot_diameter_px"])
+        plot_prediction_maps(adata, tissue, png, record["unit"], genes, n_genes, f"{sample}: predicted expression")
+    if geojson:
+        prediction_geojson(adata, record["spot_diameter_px"], geojson)
+
+
 def _inference(device: str | None, batch_size: int | None) -> tuple[str, int]:
-    workflow = predict_settings({"train": defaults.section("train"), "predict": defaults.section("predict")})
+    workflow = predict_settings({section: defaults.section(section) for section in ("train", "predict", "expression")})
     return (workflow["device"] if device is None else device,
             workflow["batch_size"] if batch_size is None else batch_size)
 
@@ -84,12 +115,15 @@ def model_views(model_file) -> list:
 
 def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None, mpp: float | None = None,
                   spacing_um: float | None = None, min_tissue_fraction: float | None = None,
-                  batch_size: int | None = None, workers: int = 1, device: str | None = None) -> Path:
+                  batch_size: int | None = None, workers: int = 1, device: str | None = None,
+                  target_sum: float | None = None, spot_diameter_um: float | None = None,
+                  genes: list[str] | None = None, n_genes: int | None = None) -> Path:
     """Everything for one slide in one call (``m2ost predict-slide``): prepare, grid, tile, predict, map.
 
-    Writes ``{out_dir}/{sample}.h5ad`` and ``{out_dir}/{sample}.png``; intermediate files
-    (converted pyramid, spot table, bundle) go to ``{out_dir}/work``. Unset settings are the
-    workflow's (``predict`` and ``train.device`` in the config schema).
+    Writes ``{out_dir}/{sample}.h5ad``, ``{sample}.png`` (maps over the H&E) and
+    ``{sample}.geojson`` (QuPath); intermediate files (converted pyramid, spot table, bundle)
+    go to ``{out_dir}/work``. Unset settings are the workflow's (``predict``, ``train.device``
+    and ``expression.target_sum`` in the config schema).
     """
 
     sample = sample or Path(slide_path).stem
@@ -105,7 +139,8 @@ def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None,
     tile_slide(sample, info["slide"], table, info["mpp"], views, bundle, workers=workers,
                mpp_source=info["mpp_source"], provenance=provenance({"views": [v.__dict__ for v in views]}))
     out = out_dir / f"{sample}.h5ad"
-    adata = predict_bundle(model_file, bundle, out, sample=sample, device=device, batch_size=batch_size)
-    plot_prediction_maps(adata, out_dir / f"{sample}.png", title=f"{sample}: predicted expression")
+    adata = predict_bundle(model_file, bundle, out, sample=sample, device=device, batch_size=batch_size,
+                           target_sum=target_sum, spot_diameter_um=spot_diameter_um)
+    prediction_outputs(adata, out_dir / f"{sample}.png", out_dir / f"{sample}.geojson", genes, n_genes)
     return out
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError, TrainingDiverged
-from m2ost.eval.metrics import mean_gene_pcc
+from m2ost.eval.metrics import gene_pcc_by_group, mean_gene_pcc
 from m2ost.learn.augment import prepare_batch
 from m2ost.learn.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
 from m2ost.learn.dataset import load_samples
@@ -302,9 +302,11 @@ def _run_epoch(run: _Run) -> None:
                          "val_gene_pcc": val_pcc, "lr": lr, "seconds": round(time.time() - t0, 3)})
     if run.ranks.main:
         _save_epoch(run, improved)
-        log.info("epoch %d/%d train %.4f val %.4f val_gene_pcc %.4f lr %.2e (%.1fs)",
-                 epoch + 1, int(run.cfg["epochs"]), train_loss, val_loss, val_pcc, lr,
-                 state["log"][-1]["seconds"])
+        line = (f"epoch {epoch + 1}/{int(run.cfg['epochs'])}  train loss {train_loss:.4f}  val loss "
+                f"{val_loss:.4f}  val gene PCC {val_pcc:.4f}  lr {lr:.2e}  {state['log'][-1]['seconds']:.1f} s")
+        log.info("%s", line)
+        # The log file gets stderr; stdout reaches the terminal that runs the workflow.
+        print(f"[train {run.kind} {run.out_dir}] {line}", flush=True)
     run.ranks.barrier()
 
 
@@ -378,6 +380,16 @@ def _save_epoch(run: _Run, improved: bool) -> None:
     write_log(state["log"], run.out_dir / "log.csv")
 
 
+def _per_gene_validation(run: _Run, weights: dict) -> dict[str, float]:
+    """The best weights' Pearson r per gene on the validation spots (stored in model.pt)."""
+    if len(run.val_ds) == 0:
+        return {g: float("nan") for g in run.genes}
+    run.model.load_state_dict(weights)
+    eval_batch = int(run.cfg["eval_batch_size"]) or 2 * int(run.cfg["batch_size"])
+    pred = predict_network(run.model, run.val_ds, run.ranks.device, eval_batch, int(run.cfg["workers"]))
+    return gene_pcc_by_group(run.val_ds.targets(), pred, run.val_ds.index[:, 0], run.genes)
+
+
 def _finish(run: _Run) -> dict:
     """Write ``model.pt`` from the best epoch's weights (rank 0); the run's summary."""
     state = run.state
@@ -391,7 +403,8 @@ def _finish(run: _Run) -> dict:
                                 run.cfg, run.train_samples, run.model_fp)
         payload.update(state_dict=best["model"], best_epoch=state["best_epoch"],
                        best_val_loss=state["best_val_loss"],
-                       best_val_gene_pcc=state["best_val_gene_pcc"])
+                       best_val_gene_pcc=state["best_val_gene_pcc"],
+                       val_gene_pcc_per_gene=_per_gene_validation(run, best["model"]))
         save_checkpoint(payload, model_file)
         write_log(state["log"], run.out_dir / "log.csv")
     run.ranks.barrier()

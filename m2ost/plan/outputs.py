@@ -15,6 +15,7 @@ BUNDLE = "results/bundles/{sample}.h5"
 EXPRESSION = "results/expression/{sample}.h5ad"
 PREDICTION = "results/predictions/{sample}.h5ad"
 PREDICTION_MAP = "results/predictions/{sample}.png"
+PREDICTION_GEOJSON = "results/predictions/{sample}.geojson"  # QuPath
 
 # Per cohort
 DATA_SUMMARY = "results/qc/data_summary.tsv"  # one line per sample with expression: spots, library size, genes
@@ -24,6 +25,8 @@ PANEL = "results/genes/{split}.txt"
 MODEL_DIR = "results/models/{model}/{split}"
 EVALUATION_DIR = "results/metrics/{model}/{split}"
 SUMMARY_TABLE = "results/metrics/summary.tsv"
+SUMMARY_HTML = "results/metrics/summary.html"
+SUMMARY_FIGURE = "results/metrics/per_gene_pcc.png"  # every model's per-gene PCC on every split
 
 # Inside a model's folder (m2ost.learn.fit, m2ost.learn.trainer)
 MODEL_FILE = "model.pt"
@@ -34,16 +37,17 @@ CHECKPOINTS = "checkpoints"
 EVALUATION_SUMMARY = "summary.json"
 EVALUATION_PREDICTIONS = "predictions.h5ad"
 EVALUATION_PER_GENE = "per_gene"
-EVALUATION_FIGURES = "figures"
+EVALUATION_FIGURES = "figures"  # {sample}.maps.png, {sample}.genes.png (m2ost.eval.figures)
+EVALUATION_QUPATH = "qupath"  # {sample}.geojson
 
 MODEL = f"{MODEL_DIR}/{MODEL_FILE}"
 
 
 def evaluation(part: str) -> str:
     """The pattern of one output of an evaluation (``summary``, ``predictions``, ``per_gene``,
-    ``figures``)."""
+    ``figures``, ``qupath``)."""
     names = {"summary": EVALUATION_SUMMARY, "predictions": EVALUATION_PREDICTIONS,
-             "per_gene": EVALUATION_PER_GENE, "figures": EVALUATION_FIGURES}
+             "per_gene": EVALUATION_PER_GENE, "figures": EVALUATION_FIGURES, "qupath": EVALUATION_QUPATH}
     return f"{EVALUATION_DIR}/{names[part]}"
 
 

@@ -29,12 +29,17 @@ def eval_batch_size(train: Mapping) -> int:
 
 def eval_settings(config: Mapping) -> dict:
     """The ``--settings`` of an ``evaluate`` job."""
-    return {"device": config["train"]["device"], "batch_size": eval_batch_size(config["train"])}
+    return {"device": config["train"]["device"], "batch_size": eval_batch_size(config["train"]),
+            "map_gene": config["evaluate"]["map_gene"]}
 
 
 def predict_settings(config: Mapping) -> dict:
-    """The ``--settings`` of a ``predict`` job (H&E-only slides)."""
-    return {"device": config["train"]["device"], "batch_size": config["predict"]["batch_size"]}
+    """The ``--settings`` of a ``predict`` job (H&E-only slides): inference, the unit of the
+    expression stage, and what the maps and the GeoJSON draw."""
+    predict = config["predict"]
+    return {"device": config["train"]["device"], "batch_size": predict["batch_size"],
+            "target_sum": config["expression"]["target_sum"],
+            **{key: predict[key] for key in ("spot_diameter_um", "map_genes", "n_map_genes")}}
 
 
 def grid_settings(config: Mapping) -> dict:

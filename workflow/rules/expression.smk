@@ -5,6 +5,9 @@ rule expression:
     input:
         counts=lambda w: source_file(w.sample, "counts"),
         spots=outputs.SPOTS,
+        # the H&E thumbnail of uns["spatial"] (for scanpy/squidpy) is read from the slide
+        info=outputs.SLIDE_INFO,
+        slide=readable_slide,
     output:
         outputs.EXPRESSION,
     log:
@@ -20,7 +23,7 @@ rule expression:
         settings=as_json(config["expression"]),
     shell:
         "python -m m2ost expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
-        "--spots {input.spots:q} --settings {params.settings:q} --out {output:q} 2> {log}"
+        "--spots {input.spots:q} --slide-info {input.info:q} --settings {params.settings:q} --out {output:q} 2> {log}"
 
 
 rule panel:

@@ -38,14 +38,18 @@ rule evaluate:
         summary=outputs.evaluation("summary"),
         predictions=outputs.evaluation("predictions"),
         per_gene=directory(outputs.evaluation("per_gene")),
+        # Every held-out sample has the same figures (maps, genes), so each combination of the
+        # labels the report offers exists; the split is part of the sample's label, not a label
+        # of its own (a split holds only its own held-out samples).
         figures=report(
             directory(outputs.evaluation("figures")),
-            patterns=["{name}.png"],
+            patterns=["{sample}.{figure}.png"],
             caption="../report/evaluation.rst",
             category="Evaluation",
             subcategory="{model}",
-            labels={"model": "{model}", "split": "{split}", "figure": "{name}"},
+            labels={"held-out sample": "{sample} ({split})", "figure": "{figure}"},
         ),
+        qupath=directory(outputs.evaluation("qupath")),
     log:
         "logs/evaluate/{model}/{split}.log",
     benchmark:
@@ -69,15 +73,34 @@ rule evaluate:
 
 rule summary:
     input:
-        summary_files(),
+        summaries=summary_files(),
+        per_gene=[os.path.join(os.path.dirname(f), "per_gene") for f in summary_files()],
     output:
-        report(outputs.SUMMARY_TABLE, caption="../report/summary.rst", category="Summary"),
+        table=report(
+            outputs.SUMMARY_TABLE,
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"content": "table (TSV)"},
+        ),
+        html=report(
+            outputs.SUMMARY_HTML,
+            caption="../report/summary.rst",
+            category="Summary",
+            labels={"content": "table"},
+        ),
+        png=report(
+            outputs.SUMMARY_FIGURE,
+            caption="../report/comparison.rst",
+            category="Summary",
+            labels={"content": "per-gene PCC of every model"},
+        ),
     log:
         "logs/summary/summary.log",
     conda:
         "../../envs/expression.yaml"
     shell:
-        "python -m m2ost summary {input:q} --out {output:q} 2> {log}"
+        "python -m m2ost summary {input.summaries:q} --out {output.table:q} --html {output.html:q} "
+        "--png {output.png:q} 2> {log}"
 
 
 rule grid_spots:
@@ -104,7 +127,13 @@ rule predict:
         bundle=outputs.BUNDLE,
     output:
         h5ad=outputs.PREDICTION,
-        png=report(outputs.PREDICTION_MAP, caption="../report/prediction.rst", category="Prediction"),
+        png=report(
+            outputs.PREDICTION_MAP,
+            caption="../report/prediction.rst",
+            category="Prediction",
+            labels={"slide": "{sample}"},
+        ),
+        geojson=outputs.PREDICTION_GEOJSON,
     log:
         "logs/predict/{sample}.log",
     benchmark:
@@ -121,4 +150,4 @@ rule predict:
         settings=as_json(predict_settings(config)),
     shell:
         "python -m m2ost predict --model {input.model:q} --bundle {input.bundle:q} --sample {wildcards.sample} "
-        "--settings {params.settings:q} --out {output.h5ad:q} --png {output.png:q} 2> {log}"
+        "--settings {params.settings:q} --out {output.h5ad:q} --png {output.png:q} --geojson {output.geojson:q} 2> {log}"

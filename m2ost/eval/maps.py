@@ -1,0 +1,146 @@
+"""Expression maps over the tissue: spots as semi-transparent discs of their true diameter drawn
+over the H&E thumbnail, one colour scale per gene for measured and predicted, a scale bar in µm.
+
+Coordinates are level-0 px of the slide throughout; the thumbnail is placed with its scale
+factor (``uns["spatial"]`` layout, :mod:`m2ost.data.spatial`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+from matplotlib.collections import PatchCollection  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Circle  # noqa: E402
+from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar  # noqa: E402
+
+SPOT_ALPHA = 0.8
+CMAP = "viridis"
+# Robust colour limits: the 1st and 99th percentiles, so a few extreme spots do not wash out the map.
+LIMIT_PERCENTILES = (1.0, 99.0)
+
+
+@dataclass
+class Tissue:
+    """Where the spots of one sample lie: centres and diameter in level-0 px, the µm per px, and
+    the H&E thumbnail (None: drawn without it) with its scale (thumbnail px per level-0 px)."""
+
+    xy: np.ndarray
+    diameter_px: float
+    mpp: float
+    image: np.ndarray | None = None
+    scalef: float = 1.0
+
+    @classmethod
+    def from_spatial(cls, xy, mpp: float, entry: dict | None, diameter_px: float) -> Tissue:
+        if not entry:
+            return cls(np.asarray(xy, float), diameter_px, mpp)
+        factors = entry["scalefactors"]
+        return cls(np.asarray(xy, float), float(factors["spot_diameter_fullres"]), mpp,
+                   np.asarray(entry["images"]["hires"]), float(factors["tissue_hires_scalef"]))
+
+
+def robust_limits(*values: np.ndarray) -> tuple[float, float]:
+    """Shared colour limits of several arrays (measured and predicted): robust percentiles."""
+    finite = np.concatenate([np.asarray(v, float).ravel() for v in values])
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, LIMIT_PERCENTILES)
+    if hi <= lo:  # a constant map: widen around the value so the colour bar stays readable
+        lo, hi = lo - 0.5, hi + 0.5
+    return float(lo), float(hi)
+
+
+def nice_length_um(span_um: float) -> float:
+    """A round scale bar length of about a fifth of the view."""
+    target = max(span_um / 5, 1e-6)
+    base = 10 ** math.floor(math.log10(target))
+    return max(m * base for m in (1, 2, 5) if m * base <= target)
+
+
+def _frame(ax, tissue: Tissue) -> None:
+    """The view: the spots with a margin of one spot, image orientation (y down), no ticks."""
+    margin = 1.5 * tissue.diameter_px
+    lo, hi = tissue.xy.min(0) - margin, tissue.xy.max(0) + margin
+    if tissue.image is not None:  # never beyond the slide
+        lo = np.maximum(lo, 0)
+        hi = np.minimum(hi, np.array(tissue.image.shape[1::-1]) / tissue.scalef)
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(hi[1], lo[1])
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_tissue(ax, tissue: Tissue) -> None:
+    """The H&E thumbnail in level-0 px coordinates."""
+    if tissue.image is not None:
+        h, w = tissue.image.shape[:2]
+        ax.imshow(tissue.image, extent=(0, w / tissue.scalef, h / tissue.scalef, 0), interpolation="lanczos")
+    _frame(ax, tissue)
+
+
+def scale_bar(ax, tissue: Tissue) -> None:
+    span_um = (ax.get_xlim()[1] - ax.get_xlim()[0]) * tissue.mpp
+    length = nice_length_um(span_um)
+    label = f"{length / 1000:g} mm" if length >= 1000 else f"{length:g} µm"
+    bar = AnchoredSizeBar(ax.transData, length / tissue.mpp, label, "lower right", pad=0.4, sep=3,
+                          color="black", frameon=True, size_vertical=tissue.diameter_px / 8, fontproperties={"size": 7})
+    bar.patch.set_alpha(0.7)
+    ax.add_artist(bar)
+
+
+def draw_spots(ax, tissue: Tissue, values: np.ndarray, norm: Normalize, cmap: str = CMAP):
+    """Spots as discs of their true diameter over the H&E; returns the collection (for a colour bar)."""
+    draw_tissue(ax, tissue)
+    discs = [Circle((x, y), tissue.diameter_px / 2) for x, y in tissue.xy]
+    spots = PatchCollection(discs, cmap=cmap, norm=norm, alpha=SPOT_ALPHA, linewidths=0)
+    spots.set_array(np.asarray(values, float))
+    ax.add_collection(spots)
+    scale_bar(ax, tissue)
+    return spots
+
+
+def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.ndarray]], unit: str, title: str):
+    """One row per gene: H&E, measured, predicted, on one colour scale per row. ``rows`` holds
+    (row title, measured values, predicted values). Returns the figure."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.3 * len(rows)), squeeze=False, layout="constrained")
+    for (label, measured, predicted), ax_row in zip(rows, axes):
+        draw_tissue(ax_row[0], tissue)
+        scale_bar(ax_row[0], tissue)
+        ax_row[0].set_title("H&E", fontsize=9)
+        norm = Normalize(*robust_limits(measured, predicted))
+        for ax, what, values in ((ax_row[1], "measured", measured), (ax_row[2], "predicted", predicted)):
+            spots = draw_spots(ax, tissue, values, norm)
+            ax.set_title(f"{label}: {what}", fontsize=9)
+        bar = fig.colorbar(spots, ax=list(ax_row), shrink=0.8)  # space taken from the row, panels stay equal
+        bar.set_label(unit, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4):
+    """The H&E, then one map per gene (each on its own robust scale). Returns the figure."""
+    n = len(values) + 1
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
+    flat = axes.ravel()
+    draw_tissue(flat[0], tissue)
+    scale_bar(flat[0], tissue)
+    flat[0].set_title("H&E", fontsize=9)
+    for ax, (gene, v) in zip(flat[1:], values.items()):
+        spots = draw_spots(ax, tissue, v, Normalize(*robust_limits(v)))
+        ax.set_title(gene, fontsize=9)
+        fig.colorbar(spots, ax=ax, shrink=0.75).set_label(unit, fontsize=8)
+    for ax in flat[n:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return fig
