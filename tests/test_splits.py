@@ -90,7 +90,7 @@ def test_no_held_out_spot_in_training_or_validation(study):
     from synthetic import tiny_train_cfg
 
     from m2ost.learn.settings import train_settings
-    from m2ost.learn.trainer import training_data
+    from m2ost.learn.validation import training_data
 
     patients = {"A": "P1", "B": "P1", "C": "P2"}
     cfg = train_settings(tiny_train_cfg(val_fraction=0.25))

@@ -24,7 +24,8 @@ def expression(args) -> None:
     spatial = None
     if args.slide_info:
         info = read_slide_info(args.slide_info, args.sample)
-        spatial = slide_spatial(info["slide"], info["mpp"], spot_diameter_um(args.format), args.sample)
+        diameter = spot_diameter_um(args.format, info.get("array_pitch_um"))
+        spatial = slide_spatial(info["slide"], info["mpp"], diameter, args.sample)
     build_expression(args.sample, args.format, args.counts, read_spots(args.spots, args.sample), args.out,
                      min_counts=settings["min_counts"], target_sum=settings["target_sum"],
                      provenance=provenance(settings), spatial=spatial)

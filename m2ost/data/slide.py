@@ -188,7 +188,7 @@ def prepare_slide(sample: str, slide_path, out_json, *, converted_path=None, she
             mpp, source = resolve_mpp(sample, metadata_mpp(slide), sheet_mpp, spots, fmt, slide_path, **choose)
     with open_slide(readable, sample) as slide:
         info = {"sample": sample, "slide": str(readable), "source_slide": str(slide_path),
-                "mpp": mpp, "mpp_source": source, **describe_slide(slide)}
+                "mpp": mpp, "mpp_source": source, "array_pitch_um": array_pitch_um, **describe_slide(slide)}
     log.info("%s: %d x %d px, %d levels, %.4f µm/px (%s)", sample, info["width"], info["height"],
              info["level_count"], mpp, source)
     with atomic_path(out_json) as tmp:

@@ -28,7 +28,13 @@ HIRES_FINEST_UM_PER_PX = 2.0
 SPOT_DIAMETER_UM = {"visium": 55.0, "legacy_st": 100.0, "h5ad": 55.0}
 
 
-def spot_diameter_um(fmt: str) -> float:
+def spot_diameter_um(fmt: str, pitch_um: float | None = None) -> float:
+    """The physical spot diameter of a platform. HEST-1k holds both platforms: its spot diameter
+    follows the array pitch (Visium 55 µm at 100 µm, legacy ST 100 µm at 200 µm)."""
+    if fmt == "hest":
+        if pitch_um and pitch_um > 150:
+            return SPOT_DIAMETER_UM["legacy_st"] * pitch_um / 200.0
+        return SPOT_DIAMETER_UM["visium"] * (pitch_um or 100.0) / 100.0
     if fmt not in SPOT_DIAMETER_UM:
         raise InputError(f"no known spot diameter for format {fmt!r}")
     return SPOT_DIAMETER_UM[fmt]

@@ -13,7 +13,8 @@ from m2ost.learn.baselines import BASELINES
 from m2ost.learn.checkpoints import model_payload, save_checkpoint, write_log
 from m2ost.learn.device import seed_everything
 from m2ost.learn.settings import model_fingerprint, train_settings
-from m2ost.learn.trainer import train, training_data
+from m2ost.learn.trainer import train
+from m2ost.learn.validation import training_data
 from m2ost.plan.kinds import model_kind
 
 

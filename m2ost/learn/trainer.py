@@ -42,45 +42,20 @@ from m2ost.errors import InputError, TrainingDiverged
 from m2ost.eval.metrics import gene_pcc_by_group, mean_gene_pcc
 from m2ost.learn.augment import prepare_batch
 from m2ost.learn.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
-from m2ost.learn.dataset import load_samples
 from m2ost.learn.device import autocast, derive_seed, pin_memory, rng_state, seed_everything, set_rng_state
 from m2ost.learn.distributed import Ranks
 from m2ost.learn.loader import SpotDataset, make_loader
 from m2ost.learn.network import build_network, init_head_bias, lr_lambda, param_groups
 from m2ost.learn.predictor import predict_network
 from m2ost.learn.settings import model_fingerprint, run_parts, train_settings
-from m2ost.learn.validation import validation_spots
+from m2ost.learn.validation import training_data
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
-# Data and validation
+# Validation
 # --------------------------------------------------------------------------------------------
-
-def training_data(bundles: Mapping[str, str], expressions: Mapping[str, str],
-                  genes: Sequence[str], train_samples: Sequence[str],
-                  views: Sequence[int] | None, cfg: Mapping) -> tuple[SpotDataset, SpotDataset]:
-    """Training and validation datasets; validation spots come from the training samples."""
-    if not train_samples:
-        raise InputError("no training samples given")
-    data = load_samples(bundles, expressions, genes, list(train_samples), views,
-                        drop_padded=bool(cfg["drop_padded"]))
-    empty = [d.sample for d in data if len(d) == 0]
-    if empty:
-        raise InputError(f"no usable spots (all padded or none with expression) in "
-                         f"{', '.join(empty[:5])}")
-    parts = validation_spots({d.sample: len(d) for d in data}, float(cfg["val_fraction"]),
-                             int(cfg["seed"]))
-    tr, va = [], []
-    for k, d in enumerate(data):
-        t, v = parts[d.sample]
-        tr.append(np.stack([np.full(len(t), k), t], 1))
-        va.append(np.stack([np.full(len(v), k), v], 1))
-    train_ds = SpotDataset(data, views, np.concatenate(tr), cfg["augment"], int(cfg["seed"]))
-    val_ds = SpotDataset(data, views, np.concatenate(va), None, int(cfg["seed"]))
-    return train_ds, val_ds
-
 
 def _validate(model, val_ds: SpotDataset, device, batch_size, workers) -> tuple[float, float]:
     """Validation MSE and mean per-gene Pearson (per training sample, then averaged)."""

@@ -1,13 +1,16 @@
-"""Validation spots: drawn inside the training samples only, to choose the epoch."""
+"""Validation spots: drawn inside the training samples only, to choose the epoch; the training and
+validation datasets of a split."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from m2ost.errors import InputError
+from m2ost.learn.dataset import load_samples
 from m2ost.learn.device import derive_seed
+from m2ost.learn.loader import SpotDataset
 
 
 def validation_spots(n_spots: Mapping[str, int], val_fraction: float,
@@ -42,3 +45,27 @@ def validation_spots(n_spots: Mapping[str, int], val_fraction: float,
         perm = rng.permutation(n)
         out[sample] = (np.sort(perm[n_val:]), np.sort(perm[:n_val]))
     return out
+
+
+def training_data(bundles: Mapping[str, str], expressions: Mapping[str, str],
+                  genes: Sequence[str], train_samples: Sequence[str],
+                  views: Sequence[int] | None, cfg: Mapping) -> tuple[SpotDataset, SpotDataset]:
+    """Training and validation datasets; validation spots come from the training samples."""
+    if not train_samples:
+        raise InputError("no training samples given")
+    data = load_samples(bundles, expressions, genes, list(train_samples), views,
+                        drop_padded=bool(cfg["drop_padded"]))
+    empty = [d.sample for d in data if len(d) == 0]
+    if empty:
+        raise InputError(f"no usable spots (all padded or none with expression) in "
+                         f"{', '.join(empty[:5])}")
+    parts = validation_spots({d.sample: len(d) for d in data}, float(cfg["val_fraction"]),
+                             int(cfg["seed"]))
+    tr, va = [], []
+    for k, d in enumerate(data):
+        t, v = parts[d.sample]
+        tr.append(np.stack([np.full(len(t), k), t], 1))
+        va.append(np.stack([np.full(len(v), k), v], 1))
+    train_ds = SpotDataset(data, views, np.concatenate(tr), cfg["augment"], int(cfg["seed"]))
+    val_ds = SpotDataset(data, views, np.concatenate(va), None, int(cfg["seed"]))
+    return train_ds, val_ds
