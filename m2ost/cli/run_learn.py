@@ -11,7 +11,7 @@ from m2ost.learn.encoders import encoder_settings, load_encoder
 from m2ost.learn.evaluate import evaluate as evaluate_model
 from m2ost.learn.fit_features import fit_feature_model
 from m2ost.learn.predict import predict_bundle, predict_slide as predict_one_slide
-from m2ost.learn.train import fit_model
+from m2ost.learn.fit import fit_model
 from m2ost.model.info import print_variants
 from m2ost.plan.kinds import FEATURE_KINDS
 

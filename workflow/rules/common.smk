@@ -171,7 +171,7 @@ def embeddings_arg(wildcards):
 
 def train_launcher(wildcards):
     """``python``, or torchrun with one process per GPU for the neural models
-    (launch.train_processes); m2ost.learn.train then trains with DistributedDataParallel."""
+    (launch.train_processes); m2ost.learn.trainer then trains with DistributedDataParallel."""
     n = config["launch"]["train_processes"]
     if wildcards.model not in NEURAL or n == 1:
         return "python"
