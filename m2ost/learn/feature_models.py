@@ -82,7 +82,9 @@ class FeatureModel:
 # --------------------------------------------------------------------------------------------
 
 PCA_COMPONENTS = 256  # HEST-Benchmark: PCA to 256 before the ridge
-ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-1.0, 7.01, 0.5))
+# Ridge penalties relative to the mean variance of the kept components (times the number of
+# spots), so one grid fits any encoder width and cohort size.
+ALPHA_RATIOS = tuple(float(a) for a in 10.0 ** np.arange(-4.0, 6.01, 0.5))
 
 
 class EncoderRidge(FeatureModel):
@@ -125,22 +127,26 @@ class EncoderRidge(FeatureModel):
         def solve(alpha):
             return wt.T @ ((s / (s ** 2 + alpha))[:, None] * uty)
 
+        unit = float((s ** 2).mean())
         rows = []
         if len(val):
             zv, yv = self._project(val.x), np.asarray(val.y, np.float64)
-            for alpha in ALPHAS:
-                pred = zv @ solve(alpha) + y_mean
-                rows.append({"alpha": alpha, "val_loss": float(((pred - yv) ** 2).mean()),
+            for ratio in ALPHA_RATIOS:
+                pred = zv @ solve(ratio * unit) + y_mean
+                rows.append({"alpha_ratio": ratio, "alpha": ratio * unit,
+                             "val_loss": float(((pred - yv) ** 2).mean()),
                              "val_gene_pcc": per_sample_pcc(yv, pred, val.group)})
             best = max(rows, key=lambda r: (r["val_gene_pcc"] if np.isfinite(r["val_gene_pcc"])
                                             else -np.inf, -r["val_loss"]))
-            self.alpha = best["alpha"]
-            if self.alpha in (ALPHAS[0], ALPHAS[-1]):
-                log.warning("%s: the chosen ridge penalty %g is at the edge of the grid", self.kind,
-                            self.alpha)
+            if best["alpha_ratio"] in (ALPHA_RATIOS[0], ALPHA_RATIOS[-1]):
+                log.warning("%s: the chosen ridge penalty (%g x the mean component variance) is at the "
+                            "edge of the grid", self.kind, best["alpha_ratio"])
         else:  # no validation spots: the penalty in the middle of the grid
-            self.alpha = ALPHAS[len(ALPHAS) // 2]
-            rows.append({"alpha": self.alpha, "val_loss": float("nan"), "val_gene_pcc": float("nan")})
+            ratio = ALPHA_RATIOS[len(ALPHA_RATIOS) // 2]
+            best = {"alpha_ratio": ratio, "alpha": ratio * unit, "val_loss": float("nan"),
+                    "val_gene_pcc": float("nan")}
+            rows.append(best)
+        self.alpha = best["alpha"]
         for row in rows:
             row["chosen"] = row["alpha"] == self.alpha
             row["pca_components"] = k
