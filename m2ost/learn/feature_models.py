@@ -88,10 +88,16 @@ ALPHA_RATIOS = tuple(float(a) for a in 10.0 ** np.arange(-4.0, 6.01, 0.5))
 
 
 class EncoderRidge(FeatureModel):
-    """HEST-Benchmark's probe: standardise, PCA to 256 and ridge, all fitted on the training
-    spots; the ridge penalty with the best mean per-gene Pearson on the validation spots of the
-    training slides (per slide, then averaged; ties: lower MSE). Pooled features of all views,
-    concatenated."""
+    """HEST-Benchmark's probe: PCA to 256 and ridge, both fitted on the training spots; the
+    ridge penalty with the best mean per-gene Pearson on the validation spots of the training
+    slides (per slide, then averaged; ties: lower MSE). Pooled features of all views,
+    concatenated.
+
+    The features are centred, not standardised, as PCA does in HEST-Benchmark: scaling every
+    feature to unit variance lifts the near-constant channels of the pooled features, which
+    carry more slide (stain) than tissue signal. On HER2+ with EfficientNet-Lite0 it lowered
+    the validation score on 4 of 6 splits and the held-out patient's score by a lot
+    (docs/benchmarks.md)."""
 
     kind = "encoder_ridge"
     input = "pooled"
@@ -100,11 +106,11 @@ class EncoderRidge(FeatureModel):
     def __init__(self, model_cfg=None, train_cfg=None):
         super().__init__(model_cfg, train_cfg)
         self.alpha = None
-        self.x_mean = self.x_scale = self.components = self.coef = self.intercept = None
+        self.x_mean = self.components = self.coef = self.intercept = None
 
     def _project(self, x: np.ndarray) -> np.ndarray:
         flat = np.asarray(x, np.float64).reshape(len(x), -1)
-        return ((flat - self.x_mean) / self.x_scale) @ self.components.T
+        return (flat - self.x_mean) @ self.components.T
 
     def fit(self, train: FeatureSet, val: FeatureSet) -> list[dict]:
         flat = np.asarray(train.x, np.float64).reshape(len(train), -1)
@@ -112,9 +118,7 @@ class EncoderRidge(FeatureModel):
         if len(y) < 2:
             raise InputError(f"{self.kind} needs at least 2 training spots, got {len(y)}")
         self.x_mean = flat.mean(0)
-        scale = flat.std(0)
-        self.x_scale = np.where(scale > 1e-12, scale, 1.0)  # constant features stay 0
-        xs = (flat - self.x_mean) / self.x_scale
+        xs = flat - self.x_mean
         _, _, vt = np.linalg.svd(xs, full_matrices=False)
         k = min(PCA_COMPONENTS, vt.shape[0])
         # Stored as float32 (half the file); rounded before use, so a loaded model predicts the same.
@@ -158,15 +162,14 @@ class EncoderRidge(FeatureModel):
 
     def state(self) -> dict:
         t = torch.from_numpy
-        return {"alpha": self.alpha, "x_mean": t(self.x_mean), "x_scale": t(self.x_scale),
-                "components": t(self.components.astype(np.float32)), "coef": t(self.coef),
+        return {"alpha": self.alpha, "x_mean": t(self.x_mean), "components": t(self.components.astype(np.float32)), "coef": t(self.coef),
                 "intercept": t(self.intercept)}
 
     @classmethod
     def from_state(cls, state, model_cfg=None, train_cfg=None) -> EncoderRidge:
         m = cls(model_cfg, train_cfg)
         m.alpha = state["alpha"]
-        m.x_mean, m.x_scale = state["x_mean"].numpy(), state["x_scale"].numpy()
+        m.x_mean = state["x_mean"].numpy()
         m.components = state["components"].numpy().astype(np.float64)
         m.coef, m.intercept = state["coef"].numpy(), state["intercept"].numpy()
         return m
