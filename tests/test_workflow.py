@@ -288,11 +288,6 @@ def test_changed_encoder_reembeds_and_retrains_the_feature_models_only(fast_run,
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
     assert_plan(planned, model_jobs(FEATURE, SPLITS, predict=False) | embed_jobs(TRAIN_SAMPLES))
 
-    def batch(config):
-        config["encoder"]["batch_size"] = 8  # how fast, not what: the models stay
-
-    assert dry_run(fast_run.workdir, write_config(tmp_path / "batch.yaml", batch)) == set()
-
 
 def test_feature_model_scores_the_demo_above_chance(fast_run):
     """encoder_ridge learns the demo's image-driven expression (a model that learns nothing

@@ -142,7 +142,7 @@ NEURAL = NEURAL_KINDS
 
 def encoder_config():
     """The encoder section as the embed stage uses it: tokens stored when a selected model reads them."""
-    enc = {k: v for k, v in config["encoder"].items() if k != "batch_size"}
+    enc = dict(config["encoder"])
     enc["tokens"] = bool(enc["tokens"]) or needs_tokens(config["models"] + [config["predict"]["model"]])
     return enc
 

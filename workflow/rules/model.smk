@@ -7,7 +7,6 @@ rule embed:
     output:
         "results/embeddings/{encoder}/{sample}.h5",
     params:
-        # What the features are; the batch size (how fast) is not a param, so it reruns nothing.
         settings=as_json({"encoder": encoder_config(), "device": config["train"]["device"]}),
     threads: 2
     resources:
@@ -21,7 +20,7 @@ rule embed:
         "../../envs/torch.yaml"
     shell:
         "python -m m2ost embed --bundle {input.bundle:q} --sample {wildcards.sample} --settings {params.settings:q} "
-        "--batch-size {config[encoder][batch_size]} --out {output:q} 2> {log}"
+        "--out {output:q} 2> {log}"
 
 
 rule train:
