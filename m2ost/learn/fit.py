@@ -37,6 +37,9 @@ def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, s
     Other parameters as in :func:`m2ost.learn.trainer.train`. Returns a dict of what was fitted.
     """
     spec = model_kind(kind)
+    if spec.family == "feature":
+        raise InputError(f"model kind '{kind}' trains on encoder embeddings: use "
+                         "m2ost.learn.fit_features.fit_feature_model (m2ost train --embeddings)")
     if spec.views is not None:
         if views is not None and list(views) != list(spec.views):
             raise InputError(f"{kind} uses views {list(spec.views)} only, got views {list(views)}")

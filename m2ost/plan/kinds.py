@@ -1,12 +1,23 @@
 """The model kinds: what each is and what the workflow does with it (standard library only).
 
 One registry, read by the Snakefile while planning (which kinds need the neural training
-launcher and which settings reach their ``train`` rule) and by the package (the ``--kind``
-choices, the trainer that fits a kind, the kinds a ``model.pt`` may hold).
+launcher, which read the cached encoder embeddings, which settings reach their ``train`` rule)
+and by the package (the ``--kind`` choices, the code that fits a kind, the kinds a ``model.pt``
+may hold).
 
-Adding a kind: add a :class:`ModelKind` here; implement it in :mod:`m2ost.learn` (a network
-variant for a neural kind, or a baseline class in ``m2ost.learn.baselines.BASELINES`` under the
-same name); add its name to the ``models`` and ``predict.model`` enums of
+Three families:
+
+- ``neural``: trained by the network loop on the bundles' views (``m2ost.learn.trainer``: torch,
+  GPUs, the distributed launcher, the ``model`` settings).
+- ``baseline``: fitted in one pass on the bundles' views (``m2ost.learn.baselines.BASELINES``).
+- ``feature``: fitted on the cached pretrained-encoder embeddings of the training samples (rule
+  ``embed``; ``m2ost.learn.feature_models.FEATURE_MODELS``), evaluated and used for prediction
+  from bundles with the encoder running on the fly (``m2ost.learn.encoded``). ``input`` says what
+  they read from the embeddings (``pooled`` features, or the ``tokens`` grid, which the embed
+  stage then stores); ``config`` names the config section passed to them as their model settings.
+
+Adding a kind: add a :class:`ModelKind` here; implement it in :mod:`m2ost.learn` under the same
+name; add the name to the ``models`` and ``predict.model`` enums of
 ``workflow/schemas/config.schema.yaml`` (``tests/test_layout.py`` checks they match).
 """
 
@@ -19,32 +30,50 @@ from m2ost.errors import InputError
 # The training settings that a baseline uses (which spots it fits on, and how they are read):
 # a change of any other training setting must not refit it.
 BASELINE_TRAIN_KEYS = ("seed", "val_fraction", "drop_padded", "workers")
+# A feature model's spots: the same training/validation draw as every other kind.
+FEATURE_TRAIN_KEYS = ("seed", "val_fraction", "drop_padded")
 
 
 @dataclass(frozen=True)
 class ModelKind:
     """One model kind.
 
-    ``neural``: trained by the network loop (``m2ost.learn.trainer``: torch, GPUs, the
-    distributed launcher, the ``model`` settings); else fitted in one pass as a baseline.
+    ``family``: ``neural``, ``baseline`` or ``feature`` (module docstring).
     ``train_keys``: the ``train`` settings it uses (None = all of them).
     ``views``: the views it always uses (None = every view of the bundle).
+    ``input``, ``config``: for feature kinds, what they read from the embeddings and the config
+    section holding their model settings (None: none).
     """
 
     name: str
-    neural: bool
+    family: str
     description: str
     train_keys: tuple[str, ...] | None = None
     views: tuple[int, ...] | None = None
+    input: str | None = None
+    config: str | None = None
+
+    @property
+    def neural(self) -> bool:
+        return self.family == "neural"
 
 
 KINDS: dict[str, ModelKind] = {k.name: k for k in (
-    ModelKind("m2ost", True, "M2OST on every view"),
-    ModelKind("m2ost_single", True, "M2OST on view 0 only (the single-view ablation)", views=(0,)),
-    ModelKind("ridge", False, "ridge regression on handcrafted colour and texture features of the views",
+    ModelKind("m2ost", "neural", "M2OST on every view"),
+    ModelKind("m2ost_single", "neural", "M2OST on view 0 only (the single-view ablation)", views=(0,)),
+    ModelKind("ridge", "baseline", "ridge regression on handcrafted colour and texture features of the views",
               train_keys=BASELINE_TRAIN_KEYS),
-    ModelKind("mean", False, "the training-set mean expression for every spot", train_keys=BASELINE_TRAIN_KEYS),
+    ModelKind("mean", "baseline", "the training-set mean expression for every spot", train_keys=BASELINE_TRAIN_KEYS),
+    ModelKind("encoder_ridge", "feature", "HEST-Benchmark probe: PCA 256 + ridge on the encoder features of "
+              "all views", train_keys=FEATURE_TRAIN_KEYS, input="pooled"),
+    ModelKind("encoder_ridge_v0", "feature", "HEST-Benchmark probe on the encoder features of view 0",
+              train_keys=FEATURE_TRAIN_KEYS, input="pooled"),
 )}
+
+NEURAL_KINDS = tuple(n for n, k in KINDS.items() if k.family == "neural")
+BASELINE_KINDS = tuple(n for n, k in KINDS.items() if k.family == "baseline")
+FEATURE_KINDS = {n: k for n, k in KINDS.items() if k.family == "feature"}
+ALL_KINDS = tuple(KINDS)
 
 
 def model_kind(name: str) -> ModelKind:
@@ -57,3 +86,8 @@ def model_kind(name: str) -> ModelKind:
 
 def is_neural(name: str) -> bool:
     return model_kind(name).neural
+
+
+def needs_tokens(kinds) -> bool:
+    """Whether any of ``kinds`` reads the token grid (the embed stage then stores it)."""
+    return any(KINDS[k].input == "tokens" for k in kinds if k in KINDS)

@@ -12,6 +12,7 @@ SLIDE_INFO = "results/slides/{sample}.json"
 PYRAMID = "results/slides/{sample}.tif"  # plain images converted to a pyramidal TIFF
 SPOTS = "results/spots/{sample}.tsv"
 BUNDLE = "results/bundles/{sample}.h5"
+EMBEDDINGS = "results/embeddings/{encoder}/{sample}.h5"  # the pretrained encoder's features of a bundle
 EXPRESSION = "results/expression/{sample}.h5ad"
 PREDICTION = "results/predictions/{sample}.h5ad"
 PREDICTION_MAP = "results/predictions/{sample}.png"

@@ -19,7 +19,15 @@ def train_settings(kind: str, config: Mapping) -> dict:
     train = dict(config["train"])
     if k.train_keys is not None:
         train = {key: value for key, value in train.items() if key in k.train_keys}
-    return {"model": dict(config["model"]), "train": train} if k.neural else {"train": train}
+    if k.neural:
+        return {"model": dict(config["model"]), "train": train}
+    if k.family == "feature":  # the encoder that made its features (not how they were batched or stored)
+        out = {"train": train, "encoder": {key: value for key, value in config["encoder"].items()
+                                           if key not in ("tokens", "batch_size")}}
+        if k.config:
+            out["model"] = dict(config[k.config])
+        return out
+    return {"train": train}
 
 
 def eval_batch_size(train: Mapping) -> int:

