@@ -101,7 +101,7 @@ def test_evaluate_mean_baseline_writes_files(study, tmp_path):
 
     from m2ost.eval.summary import aggregate
     from m2ost.learn.evaluate import evaluate
-    from m2ost.learn.train import fit_model
+    from m2ost.learn.fit import fit_model
 
     fit_model("mean", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"],
               None, tiny_train_cfg(), tmp_path / "mean")

@@ -12,7 +12,7 @@ from realdata import SVS, needs_svs
 from synthetic import FOV_UM, TINY_MODEL, tiny_train_cfg
 
 from m2ost.learn.predict import predict_slide
-from m2ost.learn.train import fit_model
+from m2ost.learn.fit import fit_model
 
 
 @pytest.fixture(scope="module")

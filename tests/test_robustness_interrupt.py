@@ -37,7 +37,7 @@ from m2ost.data import slide
 from m2ost.data import spots
 from m2ost.data import tiling
 from m2ost.errors import InputError
-from m2ost.learn.train import read_log
+from m2ost.learn.checkpoints import read_log
 
 # =============================================================================================
 # Tiling killed half-way
@@ -128,7 +128,9 @@ KILL_AT = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    import m2ost.learn.train as T
+    import m2ost.learn.fit as F
+    import m2ost.learn.predictor as P
+    import m2ost.learn.trainer as T
     args, target, per_epoch, marker = json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]), \\
         int(sys.argv[3]), Path(sys.argv[4])
     last = Path(args["out_dir"]) / "checkpoints" / "last.pt"
@@ -141,8 +143,8 @@ KILL_AT = textwrap.dedent("""
             marker.write_text(str(done))
             time.sleep(600)
         return prepare(*a, **k)
-    T.prepare_batch = counting
-    T.fit_model(**args)
+    T.prepare_batch = P.prepare_batch = counting  # training steps and validation
+    F.fit_model(**args)
 """)
 
 EPOCHS = 3

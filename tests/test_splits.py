@@ -89,7 +89,8 @@ def test_no_held_out_spot_in_training_or_validation(study):
     the training samples, and every training spot is used exactly once."""
     from synthetic import tiny_train_cfg
 
-    from m2ost.learn.train import train_settings, training_data
+    from m2ost.learn.settings import train_settings
+    from m2ost.learn.trainer import training_data
 
     patients = {"A": "P1", "B": "P1", "C": "P2"}
     cfg = train_settings(tiny_train_cfg(val_fraction=0.25))

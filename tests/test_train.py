@@ -18,11 +18,15 @@ import torch
 
 from synthetic import TINY_MODEL, subprocess_env, tiny_train_cfg
 
-import m2ost.learn.train as T
+import m2ost.learn.distributed as D
+import m2ost.learn.trainer as T
+from m2ost.errors import InputError, TrainingDiverged
+from m2ost.learn.baselines import BASELINES
+from m2ost.learn.checkpoints import LOG_COLUMNS, read_log
 from m2ost.learn.device import resolve_device
-from m2ost.errors import InputError
-from m2ost.errors import TrainingDiverged
-from m2ost.learn.train import fit_model, load_model, read_log, train
+from m2ost.learn.fit import fit_model
+from m2ost.learn.predictor import load_model
+from m2ost.learn.trainer import train
 
 
 def _run(study, out, cfg=None, model_cfg=TINY_MODEL, samples=("A", "B"), kind="m2ost"):
@@ -66,7 +70,7 @@ def test_outputs(ref, study):
     assert result["epochs_run"] == 2 and result["best_epoch"] in (1, 2)
     log = read_log(out / "log.csv")
     assert [r["epoch"] for r in log] == [1, 2]
-    assert list(log[0]) == list(T.LOG_COLUMNS)
+    assert list(log[0]) == list(LOG_COLUMNS)
     assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in log)
     assert (out / "checkpoints" / "last.pt").exists() and (out / "checkpoints" / "best.pt").exists()
     meta = torch.load(out / "model.pt", weights_only=True)
@@ -82,19 +86,19 @@ def test_outputs(ref, study):
 
 def test_resume_after_interruption_is_exact(ref, study, tmp_path, monkeypatch):
     """Interrupt right after the first checkpoint, restart: identical to the uninterrupted run."""
-    save = T._save
+    save = T.save_checkpoint
 
     def save_then_crash(obj, path):
         save(obj, path)
         if path.name == "last.pt":
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(T, "_save", save_then_crash)
+    monkeypatch.setattr(T, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         _run(study, tmp_path)
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "model.pt").exists()
-    monkeypatch.setattr(T, "_save", save)
+    monkeypatch.setattr(T, "save_checkpoint", save)
     _run(study, tmp_path)
     _assert_same_run(ref[0], tmp_path)
 
@@ -113,15 +117,16 @@ KILL_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import torch
     torch.set_num_threads(1)
-    import m2ost.learn.train as T
-    save = T._save
+    import m2ost.learn.fit as F
+    import m2ost.learn.trainer as T
+    save = T.save_checkpoint
     def slow(obj, path):
         save(obj, path)
         if path.name == "last.pt":
             time.sleep(120)  # the test kills us here, after the first checkpoint
-    T._save = slow
+    T.save_checkpoint = slow
     args = json.loads(open(sys.argv[1]).read())
-    T.fit_model(**args)
+    F.fit_model(**args)
 """)
 
 
@@ -168,7 +173,7 @@ def test_checkpoint_of_another_run_is_refused(ref, study, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(study, tmp_path, monkeypatch):
-    build = T._build
+    build = T.build_network
 
     class Poisoned(torch.nn.Module):
         """Returns NaN from the 2nd training step of epoch 2 on (4 steps per epoch here)."""
@@ -185,7 +190,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(study, tmp_path, monk
                     return y * float("nan")
             return y
 
-    monkeypatch.setattr(T, "_build", lambda *a: Poisoned(build(*a)))
+    monkeypatch.setattr(T, "build_network", lambda *a: Poisoned(build(*a)))
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 2 of 4.*epoch 1"):
         _run(study, tmp_path, tiny_train_cfg(epochs=3))
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
@@ -217,9 +222,9 @@ def test_ddp_batch_must_split_evenly(study, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)  # pretend a launcher did it
-    monkeypatch.setattr(T.dist, "get_world_size", lambda: 3)
-    monkeypatch.setattr(T.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)  # pretend a launcher did it
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(D.dist, "get_rank", lambda: 0)
     with pytest.raises(InputError, match="batch_size 8 is not divisible by the 3 processes"):
         _run(study, tmp_path)
 
@@ -249,13 +254,14 @@ def test_device_resolution():
 def test_baselines_fit_and_predict(study, tmp_path):
     ridge = _run(study, tmp_path / "ridge", kind="ridge")
     mean = _run(study, tmp_path / "mean", kind="mean")
-    assert ridge["alpha"] in T.BASELINES["ridge"]().alphas
+    assert ridge["alpha"] in BASELINES["ridge"]().alphas
     assert np.isfinite(ridge["val_gene_pcc"]) and mean["val_gene_pcc"] == 0.0  # a constant scores 0
     assert ridge["val_loss"] < mean["val_loss"]  # colour predicts the synthetic expression
     rows = read_log(tmp_path / "ridge" / "log.csv")
-    assert len(rows) == len(T.BASELINES["ridge"]().alphas)
+    assert len(rows) == len(BASELINES["ridge"]().alphas)
     assert sum(r["chosen"] == "True" for r in rows) == 1
-    from m2ost.learn.dataset import SpotDataset, load_samples
+    from m2ost.learn.dataset import load_samples
+    from m2ost.learn.loader import SpotDataset
 
     for kind in ("ridge", "mean"):
         p = load_model(tmp_path / kind / "model.pt", "cpu")

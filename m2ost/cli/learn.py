@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 from m2ost.cli.options import add_command
+from m2ost.plan.kinds import ALL_KINDS
 
 RUN = "m2ost.cli.run_learn"
-KINDS = ["m2ost", "m2ost_single", "ridge", "mean"]
+KINDS = list(ALL_KINDS)
 
 
 def add_parsers(sub) -> None:
-    p = add_command(sub, "train", f"{RUN}:train", "fit a model (m2ost, m2ost_single, ridge, mean) on training samples")
+    p = add_command(sub, "train", f"{RUN}:train", f"fit a model ({', '.join(KINDS)}) on training samples")
     p.add_argument("--kind", required=True, choices=KINDS, help="model kind")
     p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the training samples")
     p.add_argument("--expression", nargs="+", required=True, metavar="SAMPLE=H5AD",
                    help="expression of the training samples")
+    p.add_argument("--embeddings", nargs="+", metavar="SAMPLE=H5",
+                   help="embeddings of the training samples (feature kinds: encoder_ridge, ...)")
     p.add_argument("--genes", required=True, help="gene panel file")
-    p.add_argument("--settings", help='JSON: {"model": {...}, "train": {...}} (default: the workflow\'s)')
+    p.add_argument("--settings", help='JSON: {"model": {...}, "train": {...}, "encoder": {...}} (default: the workflow\'s)')
     p.add_argument("--out-dir", required=True, help="folder of model.pt, log.csv and checkpoints")
+
+    p = add_command(sub, "embed", f"{RUN}:embed", "pretrained-encoder features of every spot and view of a bundle")
+    p.add_argument("--bundle", required=True, help="bundle of the sample")
+    p.add_argument("--sample", required=True, help="sample name")
+    p.add_argument("--settings", help='JSON: {"encoder": {...}, "device": "auto"} (encoder: the config section)')
+    p.add_argument("--out", required=True, help="embeddings file (.h5)")
 
     p = add_command(sub, "evaluate", f"{RUN}:evaluate", "score a model on held-out samples (per-gene Pearson first)")
     p.add_argument("--model", required=True, help="model.pt")

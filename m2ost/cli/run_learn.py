@@ -6,10 +6,14 @@ import logging
 
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.eval.figures import plot_prediction_maps
+from m2ost.learn.embeddings import write_embeddings
+from m2ost.learn.encoders import encoder_settings, load_encoder
 from m2ost.learn.evaluate import evaluate as evaluate_model
+from m2ost.learn.fit_features import fit_feature_model
 from m2ost.learn.predict import predict_bundle, predict_slide as predict_one_slide
-from m2ost.learn.train import fit_model
+from m2ost.learn.fit import fit_model
 from m2ost.model.info import print_variants
+from m2ost.plan.kinds import FEATURE_KINDS
 
 log = logging.getLogger("m2ost")
 
@@ -17,8 +21,22 @@ log = logging.getLogger("m2ost")
 def train(args) -> None:
     settings = parse_settings(args.settings)
     expressions = parse_pairs(args.expression, "--expression")
+    if args.kind in FEATURE_KINDS:
+        fit_feature_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions,
+                          parse_pairs(args.embeddings, "--embeddings"), args.genes, list(expressions), settings,
+                          args.out_dir)
+        return
     fit_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions, args.genes, list(expressions),
               settings.get("model", {}), settings.get("train", {}), args.out_dir)
+
+
+def embed(args) -> None:
+    settings = parse_settings(args.settings)
+    cfg = encoder_settings(settings.get("encoder"))
+    encoder = load_encoder(cfg, settings.get("device", "auto"))
+    write_embeddings(encoder, args.bundle, args.out, sample=args.sample, tokens=bool(cfg["tokens"]),
+                     batch_size=int(cfg["batch_size"]), progress=True)
+    log.info("embeddings of %s written to %s", args.sample, args.out)
 
 
 def evaluate(args) -> None:

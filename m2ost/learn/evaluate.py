@@ -28,8 +28,9 @@ from m2ost.errors import InputError
 from m2ost.eval.figures import plot_sample
 from m2ost.eval.metrics import MIN_SPOTS, score
 from m2ost.eval.summary import SUMMARY_METRICS, jsonable
-from m2ost.learn.dataset import SampleData, SpotDataset, check_same_views, load_sample, read_bundle_info
-from m2ost.learn.train import Predictor, load_model
+from m2ost.learn.dataset import SampleData, check_same_views, load_sample, read_bundle_info
+from m2ost.learn.loader import SpotDataset
+from m2ost.learn.predictor import Predictor, load_model
 from m2ost.provenance import provenance
 
 def check_bundle(predictor: Predictor, info: dict, bundle, sample) -> None:
@@ -59,7 +60,7 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     Parameters
     ----------
     model_file
-        ``model.pt`` of any kind (see :func:`m2ost.learn.train.fit_model`).
+        ``model.pt`` of any kind (see :func:`m2ost.learn.fit.fit_model`).
     bundles, expressions
         sample -> bundle / expression path; must hold ``test_samples``.
     test_samples

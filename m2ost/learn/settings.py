@@ -1,0 +1,84 @@
+"""Training settings and the fingerprints that identify a model and a training run.
+
+A run resumes from its checkpoint only when the model (kind, configuration, panel, views,
+input), the training samples and the settings that shape the optimisation are those the
+checkpoint was written with (:func:`run_parts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+from m2ost.errors import InputError
+from m2ost.learn.augment import NORMALISATION
+
+KINDS = ("m2ost", "m2ost_single", "ridge", "mean")
+MODEL_FORMAT = 1
+
+TRAIN_DEFAULTS = {
+    "epochs": 100,
+    "batch_size": 64,
+    "lr": 1e-4,
+    "weight_decay": 0.01,
+    "workers": 4,
+    "val_fraction": 0.1,
+    "patience": 20,           # epochs without improvement before stopping; 0 = never stop early
+    "seed": 0,
+    "device": "auto",
+    "drop_padded": True,
+    "augment": {"flip": True, "rot90": True, "color_jitter": 0.1},
+    "scheduler": "cosine",    # "cosine" (with linear warm-up) or "none"
+    "warmup_epochs": 1,
+    "min_lr": 0.0,
+    "grad_clip": 0.0,         # max gradient norm; 0 = no clipping
+    "init_head_bias": True,   # start the output bias at the mean training expression
+    "eval_batch_size": 0,     # 0 = 2 x batch_size
+    "progress": True,         # tqdm bar per epoch (rank 0)
+    "compile": False,         # torch.compile the network for the training steps (GPU)
+}
+# Settings that do not change the optimisation path of the epochs already run: a checkpoint
+# may resume under new values of these (e.g. more patience). ``epochs`` joins them when there is
+# no schedule, since then the first k epochs do not depend on the total (a run can be extended);
+# under the cosine schedule the learning rate of every step depends on it.
+RESUME_NEUTRAL = ("workers", "device", "progress", "eval_batch_size", "patience", "compile")
+
+
+def train_settings(train_cfg: Mapping | None) -> dict:
+    """``train_cfg`` over :data:`TRAIN_DEFAULTS`, checked. Unknown keys are an error."""
+    cfg = json.loads(json.dumps(TRAIN_DEFAULTS))
+    unknown = sorted(set(train_cfg or {}) - set(cfg))
+    if unknown:
+        raise InputError(f"unknown training settings: {', '.join(unknown)}")
+    cfg.update(train_cfg or {})
+    for key in ("epochs", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise InputError(f"training setting {key} must be >= 1, got {cfg[key]}")
+    if cfg["scheduler"] not in ("cosine", "none", None):
+        raise InputError(f"scheduler must be 'cosine' or 'none', got {cfg['scheduler']!r}")
+    if float(cfg["lr"]) <= 0:
+        raise InputError(f"lr must be positive, got {cfg['lr']}")
+    return cfg
+
+
+def digest(obj) -> str:
+    """A short stable hash of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(kind: str, model_cfg: Mapping, genes: Sequence[str], views: Sequence[int],
+                      img_size: int, fov_um: Sequence[float]) -> str:
+    """What a trained model is: its kind and configuration, gene panel, views and input."""
+    return digest({"kind": kind, "model_cfg": dict(model_cfg), "genes": list(genes),
+                   "views": list(views), "img_size": int(img_size),
+                   "fov_um": [round(float(f), 3) for f in fov_um],
+                   "normalisation": NORMALISATION})
+
+
+def run_parts(model_fp: str, train_samples: Sequence[str], cfg: Mapping) -> dict:
+    """The components of a run's identity, compared one by one when resuming."""
+    neutral = RESUME_NEUTRAL + (("epochs",) if cfg["scheduler"] in ("none", None) else ())
+    return {"model": model_fp,
+            "train_samples": digest(sorted(train_samples)),
+            "settings": digest({k: v for k, v in cfg.items() if k not in neutral})}

@@ -1,0 +1,129 @@
+"""Pretrained encoders: the default EfficientNet-Lite0 reproduces the reference package on real
+H&E, any timm architecture loads local weights, and bad weights end in one clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from realdata import REPO, needs_her2st
+
+from m2ost.errors import InputError
+from m2ost.learn.encoders import DEFAULT_WEIGHTS, ENCODER_DEFAULTS, default_weights_file, encoder_settings, load_encoder
+
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+
+
+@pytest.fixture(scope="module")
+def b4_crops():
+    """Three real 224-px H&E crops of B4 (0.69 µm/px: the default encoder's input size)."""
+    from her2st_views import spot_views
+
+    views, _, _ = spot_views("B4", 3, fovs_px=(224,), size=224)
+    return views[0]
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_encoder({}, "cpu")
+
+
+def test_schema_defaults_are_the_encoder_defaults():
+    props = yaml.safe_load(SCHEMA.read_text())["properties"]["encoder"]["properties"]
+    assert {k: v.get("default") for k, v in props.items()} == ENCODER_DEFAULTS
+
+
+@needs_her2st
+def test_default_encoder_reproduces_the_reference_efficientnet_lite0(b4_crops, lite0):
+    """timm's network with the renamed weights gives the reference package's features."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(default_weights_file())).eval()
+    x = torch.from_numpy(b4_crops).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - 127.0 / 255) / (128.0 / 255)  # the TensorFlow Lite models' input scaling
+    with torch.no_grad():
+        feats = ref.extract_features(x)
+        logits = ref(x)
+    pooled, tokens = lite0.encode(b4_crops, tokens=True)
+    assert pooled.shape == (3, 1280) and pooled.dtype == np.float32
+    assert tokens.shape == (3, 7, 7, 1280)
+    np.testing.assert_allclose(pooled, feats.mean((2, 3)).numpy(), rtol=0, atol=2e-3)
+    np.testing.assert_allclose(tokens, feats.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-2)
+    # The ImageNet head of the same file on our pooled features gives the reference logits:
+    # the weights are the right ones, not just a network of the right shape.
+    sd = torch.load(default_weights_file(), map_location="cpu", weights_only=True)
+    ours = torch.from_numpy(pooled) @ sd["_fc.weight"].T + sd["_fc.bias"]
+    np.testing.assert_allclose(ours.numpy(), logits.numpy(), rtol=0, atol=2e-2)
+    # H&E tissue differs between crops: the features are not a constant.
+    assert np.abs(pooled[0] - pooled[1]).max() > 0.1
+
+
+@needs_her2st
+def test_symmetric_padding_variant_would_not_reproduce_the_reference(b4_crops, lite0):
+    """Why the default is tf_efficientnet_lite0: timm's efficientnet_lite0 pads symmetrically
+    and, with the same weights, computes other features."""
+    other = load_encoder({"name": "efficientnet_lite0"}, "cpu")
+    assert np.abs(other.encode(b4_crops) - lite0.encode(b4_crops)).max() > 0.1
+
+
+@needs_her2st
+def test_views_are_resized_to_the_input_size(b4_crops, lite0):
+    small = b4_crops[:, ::2, ::2].copy()  # 112 px
+    pooled, tokens = lite0.encode(small, tokens=True)
+    assert pooled.shape == (3, 1280) and tokens.shape == (3, 7, 7, 1280)
+    assert np.corrcoef(pooled.ravel(), lite0.encode(b4_crops).ravel())[0, 1] > 0.8  # same tissue, half the detail
+
+
+def test_missing_weights_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "uni.bin"
+    with pytest.raises(InputError, match="encoder weights file not found") as err:
+        load_encoder({"name": "resnet18", "weights": str(path)}, "cpu")
+    assert str(path) in str(err.value)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    with pytest.raises(InputError, match="is not; set encoder.name") as err:
+        load_encoder({"name": "resnet18", "weights": DEFAULT_WEIGHTS}, "cpu")
+    assert "efficientnet-lite0" in str(err.value)
+    import timm
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), path)
+    with pytest.raises(InputError, match="do not fit the architecture 'resnet34'.*missing keys") as err:
+        load_encoder({"name": "resnet34", "weights": str(path)}, "cpu")
+    assert str(path) in str(err.value)
+    with pytest.raises(InputError, match="shape mismatches"):
+        load_encoder({"name": "resnet50", "weights": str(path)}, "cpu")
+
+
+def test_user_checkpoint_with_prefix_and_classifier_loads(tmp_path):
+    """A checkpoint as training scripts save it (wrapped, 'module.' prefix, a classifier head)
+    loads into the encoder: the head is dropped, every other tensor is used."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", num_classes=5).eval()
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "ckpt.pt")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "w.safetensors")
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    cfg = {"name": "resnet18", "input_px": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    a = load_encoder({**cfg, "weights": str(tmp_path / "ckpt.pt")}, "cpu")
+    b = load_encoder({**cfg, "weights": str(tmp_path / "w.safetensors")}, "cpu")
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - a._mean) / a._std
+    with torch.no_grad():
+        want = net.forward_head(net.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(a.encode(images), want, atol=1e-5)
+    np.testing.assert_allclose(b.encode(images), want, atol=1e-5)
+    assert a.checksum != b.checksum and a.dim == 512
+
+
+def test_unknown_settings_and_architectures_are_refused():
+    with pytest.raises(InputError, match="unknown encoder settings: colour"):
+        encoder_settings({"colour": 1})
+    with pytest.raises(InputError, match="cannot be built by timm"):
+        load_encoder({"name": "no_such_net_v9"}, "cpu")
+    with pytest.raises(InputError, match="cannot read encoder weights"):
+        load_encoder({"name": "resnet18", "weights": str(SCHEMA)}, "cpu")
