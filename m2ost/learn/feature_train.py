@@ -185,7 +185,7 @@ def fit_network(build: Callable[[], torch.nn.Module], train_x: np.ndarray, train
             idx = order[s:s + batch]
             x = torch.from_numpy(train_x[sets[idx], idx]).float()
             loss = torch.nn.functional.mse_loss(model(x), y_std[idx])
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise TrainingDiverged(f"loss is {float(loss)} at epoch {epoch + 1}; lower lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -194,7 +194,7 @@ def fit_network(build: Callable[[], torch.nn.Module], train_x: np.ndarray, train
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
         pred = predict_features(model, val_x, scale=scale, shift=shift)
         val_loss = float(((pred - val_y) ** 2).mean()) if len(val_y) else float("nan")
         val_pcc = group_pcc(val_y, pred, val_groups) if len(val_y) else float("nan")

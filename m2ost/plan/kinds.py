@@ -28,6 +28,7 @@ BASELINE_KINDS = ("ridge", "mean")
 FEATURE_KINDS = {
     "encoder_ridge": FeatureKind("pooled"),     # HEST-Benchmark probe, all views concatenated
     "encoder_ridge_v0": FeatureKind("pooled"),  # the same on view 0 alone
+    "m2ost_encoder": FeatureKind("tokens", "m2ost_encoder"),  # M2OST over the encoder's token grids
 }
 ALL_KINDS = NEURAL_KINDS + BASELINE_KINDS + tuple(FEATURE_KINDS)
 
