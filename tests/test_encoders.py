@@ -37,8 +37,8 @@ def test_schema_defaults_are_the_encoder_defaults():
 @needs_her2st
 def test_default_encoder_reproduces_the_reference_efficientnet_lite0(b4_crops, lite0):
     """timm's network with the renamed weights gives the reference package's features."""
-    from efficientnet_lite_pytorch import EfficientNet
-
+    EfficientNet = pytest.importorskip("efficientnet_lite_pytorch", reason="reference package "
+                                       "efficientnet-lite-pytorch (test extra) not installed").EfficientNet
     ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(default_weights_file())).eval()
     x = torch.from_numpy(b4_crops).permute(0, 3, 1, 2).float() / 255.0
     x = (x - 127.0 / 255) / (128.0 / 255)  # the TensorFlow Lite models' input scaling

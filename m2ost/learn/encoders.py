@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 from m2ost.errors import InputError
@@ -263,8 +264,6 @@ class Encoder:
 def load_encoder(cfg: Mapping | None = None, device: str | torch.device = "auto") -> Encoder:
     """Build the encoder of the ``encoder`` config section with its local weights."""
     settings = encoder_settings(cfg)
-    import timm
-
     try:
         model = timm.create_model(settings["name"], pretrained=False, num_classes=0,
                                   **dict(settings["kwargs"]))

@@ -117,7 +117,8 @@ class EncoderRidge(FeatureModel):
         xs = (flat - self.x_mean) / self.x_scale
         _, _, vt = np.linalg.svd(xs, full_matrices=False)
         k = min(PCA_COMPONENTS, vt.shape[0])
-        self.components = vt[:k]
+        # Stored as float32 (half the file); rounded before use, so a loaded model predicts the same.
+        self.components = vt[:k].astype(np.float32).astype(np.float64)
         z = xs @ self.components.T
         y_mean = y.mean(0)
         u, s, wt = np.linalg.svd(z, full_matrices=False)

@@ -13,6 +13,7 @@ from m2ost.learn.checkpoints import model_payload, save_checkpoint, write_log
 from m2ost.learn.device import seed_everything
 from m2ost.learn.settings import KINDS, model_fingerprint, train_settings
 from m2ost.learn.trainer import train, training_data
+from m2ost.plan.kinds import FEATURE_KINDS
 
 
 def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, str],
@@ -33,6 +34,9 @@ def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, s
 
     Other parameters as in :func:`m2ost.learn.trainer.train`. Returns a dict of what was fitted.
     """
+    if kind in FEATURE_KINDS:
+        raise InputError(f"model kind '{kind}' trains on encoder embeddings: use "
+                         "m2ost.learn.fit_features.fit_feature_model (m2ost train --embeddings)")
     if kind not in KINDS:
         raise InputError(f"model kind '{kind}' is not one of {', '.join(KINDS)}")
     if kind == "m2ost_single":

@@ -18,13 +18,14 @@ import numpy as np
 
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
+from m2ost.learn.checkpoints import model_payload, save_checkpoint, write_log
 from m2ost.learn.dataset import load_samples
 from m2ost.learn.device import seed_everything
 from m2ost.learn.embeddings import read_embeddings
 from m2ost.learn.encoders import FEATURE_KEYS, encoder_settings, file_checksum, weights_path
 from m2ost.learn.feature_models import FeatureSet
 from m2ost.learn.feature_registry import FEATURE_MODELS
-from m2ost.learn.train import _model_payload, _save, _write_log, model_fingerprint, train_settings
+from m2ost.learn.settings import model_fingerprint, train_settings
 from m2ost.learn.validation import validation_spots
 from m2ost.plan.kinds import FEATURE_KINDS
 
@@ -107,11 +108,11 @@ def fit_feature_model(kind: str, bundles: Mapping[str, str], expressions: Mappin
     img_size, fov = info["size_px"][views[0]], [info["fov_um"][v] for v in views]
     stored_cfg = {"model": model_cfg, "encoder": record}
     fp = model_fingerprint(kind, stored_cfg, genes, views, img_size, fov)
-    payload = _model_payload(kind, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
+    payload = model_payload(kind, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
     payload.update(state=model.state(), encoder=record, grid=list(train.grid))
     out_dir = Path(out_dir)
-    _save(payload, out_dir / "model.pt")
-    _write_log(rows, out_dir / "log.csv")
+    save_checkpoint(payload, out_dir / "model.pt")
+    write_log(rows, out_dir / "log.csv")
     chosen = next((r for r in rows if r.get("chosen", True)), rows[-1])
     log.info("%s: %d training and %d validation spots, validation gene PCC %.4f", kind, len(train),
              len(val), chosen.get("val_gene_pcc", float("nan")))

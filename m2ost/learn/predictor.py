@@ -14,9 +14,11 @@ from m2ost.learn.augment import prepare_batch
 from m2ost.learn.baselines import BASELINES
 from m2ost.learn.checkpoints import load_checkpoint
 from m2ost.learn.device import autocast, pin_memory, resolve_device
+from m2ost.learn.encoded import load_encoded
 from m2ost.learn.loader import SpotDataset, make_loader
 from m2ost.learn.network import build_network
-from m2ost.learn.settings import KINDS, MODEL_FORMAT
+from m2ost.learn.settings import MODEL_FORMAT
+from m2ost.plan.kinds import ALL_KINDS, FEATURE_KINDS
 
 
 def predict_network(model: torch.nn.Module, dataset: SpotDataset, device: torch.device,
@@ -60,6 +62,8 @@ class Predictor:
         if isinstance(self.impl, torch.nn.Module):
             return predict_network(self.impl, dataset, self.device, batch_size, workers,
                                    progress)
+        if self.kind in FEATURE_KINDS:
+            return self.impl.predict(dataset, batch_size, workers, progress)
         return self.impl.predict(dataset, batch_size, workers)
 
 
@@ -69,13 +73,15 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> Predictor:
     if not path.exists():
         raise InputError("model file not found (train the model first)", file=path)
     payload = load_checkpoint(path)
-    if payload.get("format") != MODEL_FORMAT or payload.get("kind") not in KINDS:
+    if payload.get("format") != MODEL_FORMAT or payload.get("kind") not in ALL_KINDS:
         raise InputError("not a model file written by m2ost (unknown format or kind)", file=path)
     dev = resolve_device(device)
     kind = payload["kind"]
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "state")}
     if kind in BASELINES:
         impl = BASELINES[kind].from_state(payload["state"])
+    elif kind in FEATURE_KINDS:  # the encoder runs on the views, then the feature model
+        impl = load_encoded(payload, dev)
     else:
         impl = build_network(payload["model_cfg"], len(payload["genes"]), len(payload["views"]),
                       payload["img_size"])

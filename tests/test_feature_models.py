@@ -1,0 +1,155 @@
+"""Models over encoder features: the HEST-Benchmark probe, training from the cached embeddings
+and evaluation from the bundles (the encoder on the fly) giving the same predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from m2ost.errors import InputError
+from m2ost.learn.embeddings import read_embeddings, write_embeddings
+from m2ost.learn.encoders import load_encoder
+from m2ost.learn.evaluate import evaluate
+from m2ost.learn.feature_models import PCA_COMPONENTS, EncoderRidge, FeatureSet
+from m2ost.learn.fit import fit_model
+from m2ost.learn.fit_features import feature_data, fit_feature_model
+from m2ost.learn.predictor import load_model
+from m2ost.learn.settings import train_settings
+from m2ost.learn.trainer import training_data
+from synthetic import N_GENES
+
+# The synthetic views are 32 px: a 64-px encoder input keeps the tests fast (12x fewer pixels).
+ENCODER = {"input_px": 64}
+TRAIN = {"seed": 7, "val_fraction": 0.2, "drop_padded": True, "device": "cpu"}
+
+
+def _linear_problem(rng, n, dim=300, genes=5, noise=0.3):
+    """Features of low rank (as encoder features are) plus noise; expression linear in the latent."""
+    z = rng.normal(size=(n, 12))
+    x = (z @ rng.normal(size=(12, 2 * dim)) + rng.normal(size=(n, 2 * dim))).reshape(n, 2, dim)
+    y = z @ rng.normal(size=(12, genes)) + noise * rng.normal(size=(n, genes))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def test_probe_learns_a_linear_signal_and_nothing_from_noise():
+    rng = np.random.default_rng(0)
+    x, y = _linear_problem(rng, 400)
+    group = np.repeat([0, 1], 200)
+    train, val = FeatureSet(x[:300], y[:300], group[:300]), FeatureSet(x[300:], y[300:], group[300:])
+    model = EncoderRidge()
+    rows = model.fit(train, val)
+    assert model.components.shape == (PCA_COMPONENTS, 600)
+    assert sum(r["chosen"] for r in rows) == 1
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["val_gene_pcc"] == max(r["val_gene_pcc"] for r in rows) > 0.7
+    shuffled = EncoderRidge()
+    rows = shuffled.fit(FeatureSet(x[:300], rng.permutation(y[:300]), group[:300]), val)
+    assert max(r["val_gene_pcc"] for r in rows) < 0.3
+    # State round trip: the same predictions.
+    again = EncoderRidge.from_state(model.state())
+    np.testing.assert_array_equal(again.predict(x[300:]), model.predict(x[300:]))
+
+
+def test_probe_caps_the_components_at_the_number_of_training_spots():
+    rng = np.random.default_rng(1)
+    x, y = _linear_problem(rng, 60)
+    model = EncoderRidge()
+    model.fit(FeatureSet(x[:50], y[:50], np.zeros(50, int)), FeatureSet(x[50:], y[50:], np.zeros(10, int)))
+    assert model.components.shape == (50, 600)
+    assert model.predict(x[50:]).shape == (10, 5)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The synthetic study (A, B: patient P1; C: P2), 48 spots per sample."""
+    from synthetic import make_study
+
+    return make_study(tmp_path_factory.mktemp("study48"), n_spots=48)
+
+
+@pytest.fixture(scope="module")
+def embedded(study, tmp_path_factory):
+    """The study embedded by the default encoder."""
+    root = tmp_path_factory.mktemp("embedded")
+    encoder = load_encoder(ENCODER, "cpu")
+    files = {}
+    for s, bundle in study["bundles"].items():
+        files[s] = str(root / f"{s}.h5")
+        write_embeddings(encoder, bundle, files[s], sample=s, batch_size=16, progress=False)
+    return {"files": files, "encoder": encoder, "root": root}
+
+
+@pytest.fixture(scope="module")
+def ridge_ab(study, embedded):
+    out = embedded["root"] / "encoder_ridge"
+    result = fit_feature_model("encoder_ridge", study["bundles"], study["expressions"], embedded["files"],
+                               study["genes_file"], ["A", "B"], {"train": TRAIN, "encoder": ENCODER}, out)
+    return out, result
+
+
+def test_trains_on_the_spots_and_validation_draw_of_the_other_kinds(study, embedded):
+    """The same training and validation spots, in the same order, as the networks and the
+    handcrafted ridge (trainer.training_data): held-out C is neither trained nor validated on."""
+    cfg = train_settings(TRAIN)
+    train, val, data, record, views = feature_data("encoder_ridge", study["bundles"], study["expressions"],
+                                                   embedded["files"], study["genes"], ["A", "B"], cfg)
+    train_ds, val_ds = training_data(study["bundles"], study["expressions"], study["genes"], ["A", "B"], None, cfg)
+    assert len(train) == len(train_ds) and len(val) == len(val_ds) > 0
+    np.testing.assert_array_equal(train.y, train_ds.targets())
+    np.testing.assert_array_equal(val.y, val_ds.targets())
+    np.testing.assert_array_equal(val.group, val_ds.index[:, 0])
+    assert [d.sample for d in data] == ["A", "B"] and views == [0, 1, 2]
+    assert record["checksum"] == embedded["encoder"].checksum
+    assert train.x.shape == (len(train), 3, 1280)
+
+
+def test_evaluation_from_bundles_equals_prediction_from_the_cache(study, embedded, ridge_ab, tmp_path):
+    """What is scored (views encoded on the fly) is what the cached features give."""
+    out, _ = ridge_ab
+    model = load_model(out / "model.pt", "cpu")
+    assert model.kind == "encoder_ridge" and model.views == [0, 1, 2]
+    summary = evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path,
+                       device="cpu", batch_size=7, figures=False)
+    import anndata
+
+    pred = anndata.read_h5ad(tmp_path / "predictions.h5ad")
+    rows = pred.obs["bundle_row"].to_numpy()
+    cached = read_embeddings(embedded["files"]["C"], "C", rows=rows).pooled
+    np.testing.assert_allclose(pred.X, model.impl.model.predict(cached), atol=1e-3)
+    # Learning test: the spot colour drives the synthetic expression; the probe finds it.
+    assert summary["mean"]["gene_pcc_mean"] > 0.5
+
+
+def test_view0_probe_uses_view_0_only(study, embedded, tmp_path):
+    fit_feature_model("encoder_ridge_v0", study["bundles"], study["expressions"], embedded["files"],
+                      study["genes_file"], ["A", "B"], {"train": TRAIN}, tmp_path)
+    payload = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert payload["views"] == [0] and payload["state"]["components"].shape[1] == 1280
+    assert len(payload["genes"]) == N_GENES
+
+
+def test_model_stores_the_encoder_settings_not_its_weights(ridge_ab, embedded, tmp_path):
+    out, _ = ridge_ab
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert payload["encoder"]["checksum"] == embedded["encoder"].checksum
+    assert payload["encoder"]["settings"]["name"] == "tf_efficientnet_lite0"
+    assert sum(t.numel() for t in payload["state"].values() if torch.is_tensor(t)) < 2e6
+    # A model whose encoder weights changed since training is refused.
+    payload["encoder"]["checksum"] = "f" * 64
+    torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(InputError, match="encoder weights differ from those the model was trained with"):
+        load_model(tmp_path / "model.pt", "cpu")
+
+
+def test_embeddings_of_another_encoder_config_are_refused(study, embedded, tmp_path):
+    with pytest.raises(InputError, match="another encoder .*input_px"):
+        fit_feature_model("encoder_ridge", study["bundles"], study["expressions"], embedded["files"],
+                          study["genes_file"], ["A", "B"], {"train": TRAIN, "encoder": {"input_px": 96}},
+                          tmp_path)
+    with pytest.raises(InputError, match="no embeddings file given"):
+        fit_feature_model("encoder_ridge", study["bundles"], study["expressions"], {"A": embedded["files"]["A"]},
+                          study["genes_file"], ["A", "B"], {"train": TRAIN}, tmp_path)
+    with pytest.raises(InputError, match="trains on encoder embeddings"):
+        fit_model("encoder_ridge", study["bundles"], study["expressions"], study["genes_file"], ["A"], {}, {},
+                  tmp_path)
