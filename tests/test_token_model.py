@@ -110,3 +110,55 @@ def test_interrupted_training_resumes_to_the_same_weights(c3_tokens, tmp_path, m
         np.testing.assert_array_equal(v.numpy(), resumed["state_dict"][k].numpy())
     with pytest.raises(InputError, match="different run"):  # a checkpoint of other settings
         fit_network(*args, {**cfg, "lr": 1e-2}, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Through the workflow's functions, on the synthetic study (A, B train; C held out)
+
+SMALL = {"dim": 16, "heads": 2, "mlp_dim": 32, "epochs": 3, "patience": 0, "token_pca": 32}
+TRAIN = {"seed": 7, "val_fraction": 0.2, "drop_padded": True, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def study_tokens(tmp_path_factory):
+    from synthetic import make_study
+
+    from m2ost.learn.embeddings import write_embeddings
+
+    root = tmp_path_factory.mktemp("tokens")
+    study = make_study(root / "study", n_spots=40)
+    encoder = load_encoder({"input_px": 64}, "cpu")
+    files = {}
+    for s, bundle in study["bundles"].items():
+        files[s] = str(root / f"{s}.h5")
+        write_embeddings(encoder, bundle, files[s], sample=s, tokens=True, batch_size=16, progress=False)
+    return study, files
+
+
+def test_fit_reads_only_training_slides_and_scores_from_the_cache_as_from_bundles(study_tokens, tmp_path):
+    import anndata
+
+    from m2ost.learn.evaluate import evaluate
+    from m2ost.learn.fit_features import fit_feature_model
+
+    study, files = study_tokens
+    out = tmp_path / "model"
+    # the held-out slide's embeddings are not given: training and validation never read them
+    train_files = {s: files[s] for s in ("A", "B")}
+    result = fit_feature_model("m2ost_encoder", study["bundles"], study["expressions"], train_files,
+                               study["genes_file"], ["A", "B"], {"train": TRAIN, "model": SMALL,
+                                                                 "encoder": {"input_px": 64}}, out)
+    assert result["n_train"] + result["n_val"] == 80  # the 40 spots of A and of B, none of C
+    log = pd.read_csv(out / "log.csv")
+    assert list(log["epoch"][:3]) == ["1", "2", "3"] and log["chosen"].sum() == 1
+    on_the_fly = evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "a",
+                          device="cpu", figures=False)
+    cached = evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "b",
+                      device="cpu", figures=False, embeddings={"C": files["C"]})
+    a = anndata.read_h5ad(tmp_path / "a" / "predictions.h5ad")
+    b = anndata.read_h5ad(tmp_path / "b" / "predictions.h5ad")
+    np.testing.assert_allclose(a.X, b.X, atol=1e-4)
+    assert on_the_fly["mean"]["gene_pcc_mean"] == pytest.approx(cached["mean"]["gene_pcc_mean"], abs=1e-4)
+    with pytest.raises(InputError, match="embeddings of sample A, expected C"):  # not its own cache
+        evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "c",
+                 device="cpu", figures=False, embeddings={"C": files["A"]})

@@ -44,7 +44,8 @@ def evaluate(args) -> None:
     expressions = parse_pairs(args.expression, "--expression")
     evaluate_model(args.model, parse_pairs(args.bundle, "--bundle"), expressions, list(expressions), args.out_dir,
                    model_name=args.name, split=args.split, device=settings.get("device", "auto"),
-                   batch_size=settings.get("batch_size", 64), workers=settings.get("workers", 0))
+                   batch_size=settings.get("batch_size", 64), workers=settings.get("workers", 0),
+                   embeddings=parse_pairs(args.embeddings, "--embeddings") if args.embeddings else None)
 
 
 def predict(args) -> None:

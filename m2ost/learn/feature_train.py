@@ -35,12 +35,12 @@ from m2ost.learn.device import derive_seed, seed_everything
 log = logging.getLogger(__name__)
 
 FIT_DEFAULTS = {
-    "epochs": 40,
+    "epochs": 16,
     "batch_size": 64,
     "lr": 5e-4,
     "weight_decay": 0.05,
     "warmup_epochs": 2,
-    "patience": 8,            # epochs without a better validation PCC before stopping; 0 = never
+    "patience": 5,            # epochs without a better validation PCC before stopping; 0 = never
     "seed": 0,
     "standardize_targets": True,  # fit per-gene z-scores (genes weigh alike in the loss)
     "grad_clip": 1.0,

@@ -58,6 +58,7 @@ rule evaluate:
         model="results/models/{model}/{split}/model.pt",
         bundles=lambda w: bundle_files(split_samples(w.split)[1]),
         expression=lambda w: expression_files(split_samples(w.split)[1]),
+        embeddings=test_embeddings,
     output:
         summary="results/metrics/{model}/{split}/summary.json",
         predictions="results/metrics/{model}/{split}/predictions.h5ad",
@@ -73,6 +74,7 @@ rule evaluate:
     params:
         bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
+        embeddings=test_embeddings_arg,
         settings=as_json(eval_settings()),
         out_dir=lambda w, output: os.path.dirname(output.summary),
     threads: 2
@@ -87,7 +89,7 @@ rule evaluate:
         "../../envs/torch.yaml"
     shell:
         "python -m m2ost evaluate --model {input.model:q} --bundle {params.bundles} --expression {params.expression} "
-        "--name {wildcards.model} --split {wildcards.split} --settings {params.settings:q} "
+        "{params.embeddings} --name {wildcards.model} --split {wildcards.split} --settings {params.settings:q} "
         "--out-dir {params.out_dir:q} 2> {log}"
 
 
