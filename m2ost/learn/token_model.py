@@ -28,7 +28,7 @@ M2OST_ENCODER_DEFAULTS = {
     "depth": 2, "dim": 64, "heads": 2, "mlp_dim": 128, "deformable": True,
     "token_mask_ratio": 0.25, "dropout": 0.1,
     **{k: v for k, v in FIT_DEFAULTS.items() if k != "seed"},
-    "token_pca": 128,
+    "token_pca": 0,
     "blend_ridge": True,
     "finetune_blocks": 0,
 }
