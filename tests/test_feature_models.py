@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from synthetic import N_GENES
 
 from m2ost.errors import InputError
 from m2ost.learn.embeddings import read_embeddings, write_embeddings
@@ -17,7 +18,6 @@ from m2ost.learn.fit_features import feature_data, fit_feature_model
 from m2ost.learn.predictor import load_model
 from m2ost.learn.settings import train_settings
 from m2ost.learn.trainer import training_data
-from synthetic import N_GENES
 
 # The synthetic views are 32 px: a 64-px encoder input keeps the tests fast (12x fewer pixels).
 ENCODER = {"input_px": 64}

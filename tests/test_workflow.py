@@ -31,7 +31,10 @@ pytestmark = pytest.mark.slow
 CONFIG = yaml.safe_load((REPO / FAST_CONFIG).read_text())
 MODELS = CONFIG["models"]
 NEURAL = [m for m in MODELS if m in ("m2ost", "m2ost_single")]
+FEATURE = [m for m in MODELS if m.startswith("encoder_")]
+ENCODER = "tf_efficientnet_lite0"  # encoder.name default (schema)
 SPLITS = sorted(CONFIG["splits"]["explicit"])  # s1, s2
+TRAIN_SAMPLES = sorted({s for split in CONFIG["splits"]["explicit"].values() for s in split["train"]})
 ST = ["P1_S1", "P1_S2", "P2_S1", "P2_S2"]
 HE = ["P3_HE"]
 PREDICT_MODEL = "m2ost"  # predict.model default (schema)
@@ -52,6 +55,11 @@ def model_jobs(models, splits, predict=True):
         jobs |= {job("train", model=PREDICT_MODEL, split="all")}
         jobs |= {job("predict", sample=s) for s in HE}
     return jobs
+
+
+def embed_jobs(samples):
+    """Embeddings of ``samples`` (the training samples of the splits), when a feature model runs."""
+    return {job("embed", encoder=ENCODER, sample=s) for s in samples} if FEATURE else set()
 
 
 def fmt(jobs) -> str:
@@ -86,6 +94,7 @@ def test_run_completes_with_every_output(fast_run):
     assert stats["panel"] == len(SPLITS) + 1
     assert stats["train"] == len(MODELS) * len(SPLITS) + 1
     assert stats["evaluate"] == len(MODELS) * len(SPLITS)
+    assert stats["embed"] == len(TRAIN_SAMPLES)  # only the feature models' training samples
     assert "steps (100%) done" in fast_run.output
 
     import h5py
@@ -266,9 +275,27 @@ def test_changed_field_of_view_retiles_every_slide_but_keeps_expression(fast_run
         config["views"][0]["fov_um"] = 100
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
-    expected = {job("tile", sample=s) for s in ST + HE} | model_jobs(MODELS, SPLITS)
+    expected = {job("tile", sample=s) for s in ST + HE} | model_jobs(MODELS, SPLITS) | embed_jobs(TRAIN_SAMPLES)
     assert_plan(planned, expected)
     assert not {rule for rule, _ in planned} & {"expression", "panel", "spots", "prepare_slide"}
+
+
+def test_changed_encoder_reembeds_and_retrains_the_feature_models_only(fast_run, tmp_path):
+    """The embeddings and the models on them follow the encoder's settings; nothing else does."""
+    def change(config):
+        config["encoder"]["input_px"] = 96
+
+    planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
+    assert_plan(planned, model_jobs(FEATURE, SPLITS, predict=False) | embed_jobs(TRAIN_SAMPLES))
+
+
+def test_feature_model_scores_the_demo_above_chance(fast_run):
+    """encoder_ridge learns the demo's image-driven expression (a model that learns nothing
+    scores about 0 per-gene Pearson on the held-out patient)."""
+    table = pd.read_csv(fast_run.workdir / "results/metrics/summary.tsv", sep="\t")
+    for m in FEATURE:
+        row = table[(table["model"] == m) & (table["split"] == "mean")]
+        assert float(row["gene_pcc_mean"].iloc[0]) > 0.2, table
 
 
 def test_changed_learning_rate_retrains_the_neural_models_only(fast_run, tmp_path):
@@ -334,7 +361,7 @@ def test_added_sample_runs_its_data_stages_and_only_the_splits_it_joins(fast_run
     planned = dry_run(wd, write_config(tmp_path / "config.yaml", change))
     expected = {job(rule, sample="P4_S1") for rule in ("spots", "prepare_slide", "tile", "expression")}
     expected |= {job("panel", split="s2"), job("panel", split="all")} | model_jobs(MODELS, ["s2"])
-    assert_plan(planned, expected)
+    assert_plan(planned, expected | embed_jobs(["P4_S1"]))
     assert not [j for j in planned if ("split", "s1") in j[1]]
 
 

@@ -9,9 +9,10 @@ from m2ost.eval.figures import plot_prediction_maps
 from m2ost.learn.embeddings import write_embeddings
 from m2ost.learn.encoders import encoder_settings, load_encoder
 from m2ost.learn.evaluate import evaluate as evaluate_model
-from m2ost.learn.fit_features import fit_feature_model
-from m2ost.learn.predict import predict_bundle, predict_slide as predict_one_slide
 from m2ost.learn.fit import fit_model
+from m2ost.learn.fit_features import fit_feature_model
+from m2ost.learn.predict import predict_bundle
+from m2ost.learn.predict import predict_slide as predict_one_slide
 from m2ost.model.info import print_variants
 from m2ost.plan.kinds import FEATURE_KINDS
 
@@ -35,7 +36,7 @@ def embed(args) -> None:
     cfg = encoder_settings(settings.get("encoder"))
     encoder = load_encoder(cfg, settings.get("device", "auto"))
     write_embeddings(encoder, args.bundle, args.out, sample=args.sample, tokens=bool(cfg["tokens"]),
-                     batch_size=int(cfg["batch_size"]), progress=True)
+                     batch_size=args.batch_size or int(cfg["batch_size"]), progress=True)
     log.info("embeddings of %s written to %s", args.sample, args.out)
 
 

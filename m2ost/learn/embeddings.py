@@ -7,7 +7,7 @@
 ``tokens``    (n, V, h*w, C) float16, its token grid (only with ``encoder.tokens``)
 attributes    sample, views (JSON: the bundle's fov_um / size_px), encoder (JSON: settings,
               weights checksum, dim), grid (h, w; 0, 0 without tokens), bundle_digest,
-              format_version
+              format_version, provenance (JSON)
 
 Spots are read, encoded and written batch by batch, so memory stays bounded whatever the number
 of spots; the file gets its final name only when complete. ``bundle_digest`` (a hash of the
@@ -32,6 +32,7 @@ from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 from m2ost.learn.dataset import read_bundle_info
 from m2ost.learn.encoders import Encoder
+from m2ost.provenance import provenance_json
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def write_embeddings(encoder: Encoder, bundle: str | os.PathLike, out: str | os.
                             sample, v, got, float(mpp))
     attrs = {"sample": sample, "views": json.dumps(_views_record(info)),
              "encoder": json.dumps(encoder.record(), sort_keys=True),
-             "bundle_digest": bundle_digest(bundle, sample), "format_version": FORMAT_VERSION}
+             "bundle_digest": bundle_digest(bundle, sample), "format_version": FORMAT_VERSION,
+             "provenance": provenance_json({"encoder": encoder.record(), "tokens": bool(tokens),
+                                            "bundle": str(bundle)})}
     batch_size = max(1, int(batch_size))
     with atomic_path(out) as tmp, h5py.File(bundle, "r") as src, h5py.File(tmp, "w") as dst:
         dst.create_dataset("barcode", data=src["barcode"][:], dtype=h5py.string_dtype())

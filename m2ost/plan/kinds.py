@@ -20,7 +20,7 @@ from dataclasses import dataclass
 class FeatureKind:
     input: str
     config: str | None = None
-    train_keys: tuple[str, ...] | None = ("seed", "val_fraction", "drop_padded", "device")
+    train_keys: tuple[str, ...] | None = ("seed", "val_fraction", "drop_padded")
 
 
 NEURAL_KINDS = ("m2ost", "m2ost_single")
