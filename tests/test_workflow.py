@@ -33,7 +33,9 @@ NEURAL = [m for m in MODELS if m in ("m2ost", "m2ost_single")]
 FEATURE = [m for m in MODELS if m.startswith("encoder_")]
 ENCODER = "tf_efficientnet_lite0"  # encoder.name default (schema)
 SPLITS = sorted(CONFIG["splits"]["explicit"])  # s1, s2
-TRAIN_SAMPLES = sorted({s for split in CONFIG["splits"]["explicit"].values() for s in split["train"]})
+# feature models train on the training samples' embeddings and are scored from the test samples'
+SPLIT_SAMPLES = sorted({s for split in CONFIG["splits"]["explicit"].values() for side in ("train", "test")
+                        for s in split[side]})
 ST = ["P1_S1", "P1_S2", "P2_S1", "P2_S2"]
 HE = ["P3_HE"]
 PREDICT_MODEL = "m2ost"  # predict.model default (schema)
@@ -57,7 +59,7 @@ def model_jobs(models, splits, predict=True):
 
 
 def embed_jobs(samples):
-    """Embeddings of ``samples`` (the training samples of the splits), when a feature model runs."""
+    """Embeddings of ``samples`` (the samples of the splits), when a feature model runs."""
     return {job("embed", encoder=ENCODER, sample=s) for s in samples} if FEATURE else set()
 
 
@@ -93,7 +95,7 @@ def test_run_completes_with_every_output(fast_run):
     assert stats["panel"] == len(SPLITS) + 1
     assert stats["train"] == len(MODELS) * len(SPLITS) + 1
     assert stats["evaluate"] == len(MODELS) * len(SPLITS)
-    assert stats["embed"] == len(TRAIN_SAMPLES)  # only the feature models' training samples
+    assert stats["embed"] == len(SPLIT_SAMPLES)  # the samples of the splits only (no H&E-only slide)
     assert "steps (100%) done" in fast_run.output
 
     import h5py
@@ -318,7 +320,7 @@ def test_changed_field_of_view_retiles_every_slide_but_keeps_expression(fast_run
         config["views"][0]["fov_um"] = 100
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
-    expected = {job("tile", sample=s) for s in ST + HE} | model_jobs(MODELS, SPLITS) | embed_jobs(TRAIN_SAMPLES)
+    expected = {job("tile", sample=s) for s in ST + HE} | model_jobs(MODELS, SPLITS) | embed_jobs(SPLIT_SAMPLES)
     assert_plan(planned, expected)
     assert not {rule for rule, _ in planned} & {"expression", "panel", "spots", "prepare_slide"}
 
@@ -329,7 +331,7 @@ def test_changed_encoder_reembeds_and_retrains_the_feature_models_only(fast_run,
         config["encoder"]["input_px"] = 96
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
-    assert_plan(planned, model_jobs(FEATURE, SPLITS, predict=False) | embed_jobs(TRAIN_SAMPLES))
+    assert_plan(planned, model_jobs(FEATURE, SPLITS, predict=False) | embed_jobs(SPLIT_SAMPLES))
 
 
 def test_feature_model_scores_the_demo_above_chance(fast_run):

@@ -34,6 +34,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the held-out samples")
     p.add_argument("--expression", nargs="+", required=True, metavar="SAMPLE=H5AD",
                    help="expression of the held-out samples")
+    p.add_argument("--embeddings", nargs="+", metavar="SAMPLE=H5",
+                   help="feature kinds: cached embeddings of the held-out samples (else the views are encoded)")
     p.add_argument("--name", help="model name in the summary (default: the model kind)")
     p.add_argument("--split", help="split name in the summary")
     p.add_argument("--settings", help=f"JSON: device, batch_size, workers, map_gene (a gene mapped besides the "

@@ -47,7 +47,8 @@ def evaluate(args) -> None:
     evaluate_model(args.model, parse_pairs(args.bundle, "--bundle"), expressions, list(expressions), args.out_dir,
                    model_name=args.name, split=args.split, device=settings.get("device"),
                    batch_size=settings.get("batch_size"), workers=settings.get("workers", 0),
-                   map_gene=settings.get("map_gene"))
+                   map_gene=settings.get("map_gene"),
+                   embeddings=parse_pairs(args.embeddings, "--embeddings") if args.embeddings else None)
 
 
 def predict(args) -> None:

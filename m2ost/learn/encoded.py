@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from m2ost.errors import InputError
 from m2ost.learn.encoders import Encoder, load_encoder
-from m2ost.learn.feature_models import FEATURE_MODELS, FeatureModel
+from m2ost.learn.feature_models import FeatureModel
+from m2ost.learn.feature_registry import FEATURE_MODELS
 from m2ost.plan.kinds import FEATURE_KINDS
 
 

@@ -35,9 +35,11 @@ from m2ost.eval.maps import Tissue
 from m2ost.eval.metrics import MIN_SPOTS, score
 from m2ost.eval.summary import SUMMARY_METRICS, jsonable
 from m2ost.learn.dataset import SampleData, check_same_views, load_sample, read_bundle_info
+from m2ost.learn.embeddings import read_embeddings
 from m2ost.learn.loader import SpotDataset
 from m2ost.learn.predictor import Predictor, load_model
 from m2ost.plan.settings import eval_settings
+from m2ost.plan.kinds import FEATURE_KINDS
 from m2ost.provenance import provenance
 
 
@@ -58,7 +60,9 @@ def check_bundle(predictor: Predictor, info: dict, bundle, sample) -> None:
 
 
 def predict_sample(predictor: Predictor, data: SampleData, batch_size: int, workers: int,
-                    progress: bool) -> np.ndarray:
+                    progress: bool, embeddings: str | os.PathLike | None = None) -> np.ndarray:
+    if embeddings is not None and predictor.kind in FEATURE_KINDS:
+        return predict_from_embeddings(predictor, data, embeddings)
     ds = SpotDataset([data], predictor.views)
     try:
         return predictor.predict(ds, batch_size, workers, progress)
@@ -66,12 +70,27 @@ def predict_sample(predictor: Predictor, data: SampleData, batch_size: int, work
         ds.close()
 
 
+def predict_from_embeddings(predictor: Predictor, data: SampleData, path) -> np.ndarray:
+    """A feature kind's predictions from the cached embeddings of the sample's spots.
+
+    The file must come from the sample's current bundle and from the model's encoder (same
+    settings and weights checksum; :func:`read_embeddings` refuses anything else), so these are
+    the features the encoder gives on the views (as m2ost.learn.encoded computes them).
+    """
+    encoded = predictor.impl
+    tokens = FEATURE_KINDS[predictor.kind].input == "tokens"
+    emb = read_embeddings(path, data.sample, tokens=tokens, bundle=data.bundle, rows=data.rows,
+                          encoder=predictor.meta["encoder"])
+    x = (emb.tokens if tokens else emb.pooled)[:, predictor.views]
+    return encoded.model.predict(x, tuple(emb.grid))
+
+
 def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              expressions: Mapping[str, str], test_samples: Sequence[str],
              out_dir: str | os.PathLike, *, model_name: str | None = None,
              split: str | None = None, device: str | None = None, batch_size: int | None = None,
              workers: int = 0, figures: bool = True, progress: bool = False,
-             map_gene: str | None = None) -> dict:
+             map_gene: str | None = None, embeddings: Mapping[str, str] | None = None) -> dict:
     """Predict every spot (with expression) of each held-out sample and score it.
 
     Parameters
@@ -95,6 +114,8 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
         Also draw the figures and write the QuPath GeoJSON.
     map_gene
         A gene mapped besides the best and the median one (when in the panel).
+    embeddings
+        sample -> cached embeddings (feature kinds): read instead of encoding the views.
 
     Returns
     -------
@@ -128,7 +149,8 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     spatial = {}
     for s in test_samples:
         data = loaded[s]
-        pred = predict_sample(predictor, data, batch_size, workers, progress)
+        pred = predict_sample(predictor, data, batch_size, workers, progress,
+                              (embeddings or {}).get(s))
         per_gene, summary = score(data.targets, pred, predictor.genes, sample=s)
         with atomic_path(out_dir / "per_gene" / f"{s}.tsv") as tmp:
             per_gene.to_csv(tmp, sep="\t", index=False, float_format="%.6g")

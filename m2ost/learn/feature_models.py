@@ -8,7 +8,8 @@ the same encoder, m2ost.learn.encoded), so what is evaluated is exactly what pre
 slides. ``input`` says which features it reads: ``pooled`` (n, V, D) or ``tokens``
 (n, V, h*w, C); ``views`` which of the bundle's views (None: all).
 
-:data:`FEATURE_MODELS` maps each feature kind of m2ost.plan.kinds to its class.
+:data:`FEATURE_MODELS` maps these feature kinds to their classes; m2ost.learn.feature_registry
+adds the kinds defined in their own modules (m2ost_encoder) and is what callers use.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ class FeatureModel:
     def __init__(self, model_cfg: Mapping | None = None, train_cfg: Mapping | None = None):
         self.model_cfg, self.train_cfg = dict(model_cfg or {}), dict(train_cfg or {})
 
-    def fit(self, train: FeatureSet, val: FeatureSet) -> list[dict]:
+    def fit(self, train: FeatureSet, val: FeatureSet, out_dir=None) -> list[dict]:
         """Fit on ``train``, choose settings on ``val``; return log rows (one per setting or
-        epoch, with ``val_loss`` and ``val_gene_pcc``; the chosen row has ``chosen`` True)."""
+        epoch, with ``val_loss`` and ``val_gene_pcc``; the chosen row has ``chosen`` True).
+        ``out_dir``: where a model that trains for long may keep checkpoints to resume from."""
         raise NotImplementedError
 
     def predict(self, x: np.ndarray, grid: tuple[int, int] = (0, 0)) -> np.ndarray:
@@ -112,7 +114,7 @@ class EncoderRidge(FeatureModel):
         flat = np.asarray(x, np.float64).reshape(len(x), -1)
         return (flat - self.x_mean) @ self.components.T
 
-    def fit(self, train: FeatureSet, val: FeatureSet) -> list[dict]:
+    def fit(self, train: FeatureSet, val: FeatureSet, out_dir=None) -> list[dict]:
         flat = np.asarray(train.x, np.float64).reshape(len(train), -1)
         y = np.asarray(train.y, np.float64)
         if len(y) < 2:

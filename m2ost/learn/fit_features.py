@@ -23,7 +23,8 @@ from m2ost.learn.dataset import load_samples
 from m2ost.learn.device import seed_everything
 from m2ost.learn.embeddings import read_embeddings
 from m2ost.learn.encoders import FEATURE_KEYS, encoder_settings, file_checksum, weights_path
-from m2ost.learn.feature_models import FEATURE_MODELS, FeatureSet
+from m2ost.learn.feature_models import FeatureSet
+from m2ost.learn.feature_registry import FEATURE_MODELS
 from m2ost.learn.settings import model_fingerprint, train_settings
 from m2ost.learn.validation import validation_spots
 from m2ost.plan.kinds import FEATURE_KINDS
@@ -102,7 +103,7 @@ def fit_feature_model(kind: str, bundles: Mapping[str, str], expressions: Mappin
                                                    train_samples, cfg, expected_encoder(settings.get("encoder")))
     model_cfg = settings.get("model") or {}
     model = FEATURE_MODELS[kind](model_cfg, cfg)
-    rows = model.fit(train, val)
+    rows = model.fit(train, val, out_dir)
     info = data[0].info
     img_size, fov = info["size_px"][views[0]], [info["fov_um"][v] for v in views]
     stored_cfg = {"model": model_cfg, "encoder": record}

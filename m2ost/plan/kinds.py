@@ -68,6 +68,8 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
               "all views", train_keys=FEATURE_TRAIN_KEYS, input="pooled"),
     ModelKind("encoder_ridge_v0", "feature", "HEST-Benchmark probe on the encoder features of view 0",
               train_keys=FEATURE_TRAIN_KEYS, input="pooled"),
+    ModelKind("m2ost_encoder", "feature", "M2OST over the encoder's token grids of the views (deformable: coarser "
+              "views also carry the finer views' tokens)", input="tokens", config="m2ost_encoder"),
 )}
 
 NEURAL_KINDS = tuple(n for n, k in KINDS.items() if k.family == "neural")

@@ -224,16 +224,26 @@ def embedding_files(samples):
     return [outputs.EMBEDDINGS.format(encoder=ENCODER, sample=s) for s in samples]
 
 
-def train_embeddings(wildcards):
-    """Feature kinds train on the embeddings of the training samples; the others need none."""
-    return embedding_files(split_samples(wildcards.split)[0]) if wildcards.model in FEATURE_KINDS else []
+def train_embeddings(wildcards, side=0):
+    """Feature kinds train on the embeddings of the training samples (side 0) and are scored from
+    those of the held-out samples (side 1: the same encoder outputs as encoding the views on the
+    fly, without encoding them again for every model and split); the others need none."""
+    return embedding_files(split_samples(wildcards.split)[side]) if wildcards.model in FEATURE_KINDS else []
 
 
-def embeddings_arg(wildcards):
+def test_embeddings(wildcards):
+    return train_embeddings(wildcards, 1)
+
+
+def embeddings_arg(wildcards, side=0):
     if wildcards.model not in FEATURE_KINDS:
         return ""
-    samples = split_samples(wildcards.split)[0]
+    samples = split_samples(wildcards.split)[side]
     return "--embeddings " + " ".join(shlex.quote(f"{s}={f}") for s, f in zip(samples, embedding_files(samples)))
+
+
+def test_embeddings_arg(wildcards):
+    return embeddings_arg(wildcards, 1)
 
 
 def train_launcher(wildcards):

@@ -59,6 +59,7 @@ rule evaluate:
         model=outputs.MODEL,
         bundles=lambda w: bundle_files(split_samples(w.split)[1]),
         expression=lambda w: expression_files(split_samples(w.split)[1]),
+        embeddings=test_embeddings,
     output:
         summary=outputs.evaluation("summary"),
         predictions=outputs.evaluation("predictions"),
@@ -88,11 +89,12 @@ rule evaluate:
     params:
         bundles=lambda w: pairs(split_samples(w.split)[1], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[1], "expression"),
+        embeddings=test_embeddings_arg,
         settings=as_json(eval_settings(config)),
         out_dir=lambda w, output: os.path.dirname(output.summary),
     shell:
         "python -m m2ost evaluate --model {input.model:q} --bundle {params.bundles} --expression {params.expression} "
-        "--name {wildcards.model} --split {wildcards.split} --settings {params.settings:q} "
+        "{params.embeddings} --name {wildcards.model} --split {wildcards.split} --settings {params.settings:q} "
         "--out-dir {params.out_dir:q} 2> {log}"
 
 

@@ -1,0 +1,8 @@
+"""Every feature kind (m2ost.plan.kinds.FEATURE_KINDS) -> its model class."""
+
+from __future__ import annotations
+
+from m2ost.learn import feature_models
+from m2ost.learn.token_model import M2OSTEncoder
+
+FEATURE_MODELS: dict[str, type] = {**feature_models.FEATURE_MODELS, "m2ost_encoder": M2OSTEncoder}

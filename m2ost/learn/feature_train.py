@@ -1,0 +1,219 @@
+"""Train a network on cached encoder features (token grids) of the training spots.
+
+The images were encoded once (the embedding stage), so an epoch is a pass over small tensors
+held in memory: minutes on a CPU where the image network needs hours. Used by
+``m2ost_encoder`` (:mod:`m2ost.learn.token_model`).
+
+Augmentation with cached features: the embedding stage may store several encodings of every
+spot (the eight flips/rotations, stain jitter); ``train_x`` then has a leading axis of those
+sets and every epoch draws one set per spot. Token masking (in the network) adds to it.
+
+Reproducibility and resuming as in :mod:`m2ost.learn.train`: all randomness of epoch ``e`` comes
+from seeds derived from ``(seed, e)``; ``checkpoints/last.pt`` is written every epoch and a
+restarted run resumes from it and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m2ost.atomic import atomic_path
+from m2ost.errors import InputError, TrainingDiverged
+from m2ost.eval.metrics import mean_gene_pcc
+from m2ost.learn.device import derive_seed, seed_everything
+
+log = logging.getLogger(__name__)
+
+FIT_DEFAULTS = {
+    "epochs": 16,
+    "batch_size": 64,
+    "lr": 5e-4,
+    "weight_decay": 0.05,
+    "warmup_epochs": 2,
+    "patience": 5,            # epochs without a better validation PCC before stopping; 0 = never
+    "seed": 0,
+    "standardize_targets": True,  # fit per-gene z-scores (genes weigh alike in the loss)
+    "grad_clip": 1.0,
+}
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_gene_pcc", "lr", "seconds")
+
+
+def fit_settings(cfg: Mapping | None) -> dict:
+    """``cfg`` over :data:`FIT_DEFAULTS`; unknown keys are an error."""
+    out = dict(FIT_DEFAULTS)
+    unknown = sorted(set(cfg or {}) - set(out))
+    if unknown:
+        raise InputError(f"unknown m2ost_encoder training settings: {', '.join(unknown)}")
+    out.update(cfg or {})
+    if int(out["epochs"]) < 1 or int(out["batch_size"]) < 1 or float(out["lr"]) <= 0:
+        raise InputError("m2ost_encoder training needs epochs >= 1, batch_size >= 1, lr > 0")
+    return out
+
+
+def group_pcc(truth: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> float:
+    """Mean per-gene Pearson per group (sample), averaged over the groups where it is defined."""
+    scores = [mean_gene_pcc(truth[groups == g], pred[groups == g]) for g in np.unique(groups)]
+    scores = [s for s in scores if np.isfinite(s)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _lr_factor(step: int, total: int, warm: int) -> float:
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def _save(obj: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _write_log(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        w = csv.DictWriter(handle, fieldnames=list(LOG_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_id(cfg: Mapping, model_cfg: Mapping, n_train: int, n_val: int) -> str:
+    """What a checkpoint must match to be resumed."""
+    blob = json.dumps({"fit": dict(cfg), "model": dict(model_cfg), "n": [n_train, n_val]},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.inference_mode()
+def predict_features(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256,
+                     scale: np.ndarray | None = None, shift: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """(n, ...) features -> (n, n_genes) float32, de-standardised with ``scale``/``shift``."""
+    model.eval()
+    out = [model(torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size]))).float().numpy()
+           for s in range(0, len(x), batch_size)]
+    y = np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
+    if scale is not None:
+        y = y * scale + shift
+    return y.astype(np.float32)
+
+
+def fit_network(build: Callable[[], torch.nn.Module], train_x: np.ndarray, train_y: np.ndarray,
+                val_x: np.ndarray, val_y: np.ndarray, val_groups: np.ndarray, cfg: Mapping,
+                out_dir: str | Path | None = None, model_cfg: Mapping | None = None) -> dict:
+    """Train ``build()`` on features, keep the epoch with the best validation gene PCC.
+
+    Parameters
+    ----------
+    build
+        Makes the (untrained) network, features -> (B, n_genes); called after seeding.
+    train_x
+        (n_sets, n, ...) features of the training spots, ``n_sets`` cached encodings per spot
+        (1 = no augmentation). Any float dtype (float16 is cast per batch).
+    train_y, val_y
+        (n, n_genes) targets.
+    val_x, val_groups
+        (n_val, ...) un-augmented features of the validation spots (of the training samples)
+        and their sample numbers: the validation PCC is the mean over samples.
+    cfg
+        See :data:`FIT_DEFAULTS`.
+    out_dir
+        Receives ``log.csv`` and ``checkpoints/last.pt`` (resume) when given.
+
+    Returns
+    -------
+    dict
+        ``state_dict`` (best epoch), ``scale``/``shift`` (target de-standardisation),
+        ``best_epoch``, ``best_val_gene_pcc``, ``epochs_run``, ``log``.
+    """
+    cfg = fit_settings(cfg)
+    seed = int(cfg["seed"])
+    seed_everything(seed, deterministic=True)
+    model = build()
+    train_y = np.asarray(train_y, np.float32)
+    shift = train_y.mean(0)
+    scale = train_y.std(0) if cfg["standardize_targets"] else np.ones_like(shift)
+    scale = np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+    y_std = torch.from_numpy((train_y - shift) / scale)
+    with torch.no_grad():  # start at the mean predictor: the head's bias is the (scaled) mean
+        model.head.bias.zero_()
+
+    n_sets, n = train_x.shape[0], train_x.shape[1]
+    batch, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
+    steps = math.ceil(n / batch)
+    decay = [p for name, p in model.named_parameters()
+             if p.requires_grad and p.ndim >= 2 and "pos_emb" not in name and "cls" not in name]
+    other = [p for name, p in model.named_parameters()
+             if p.requires_grad and not any(p is q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
+                             {"params": other, "weight_decay": 0.0}], lr=float(cfg["lr"]))
+    warm = round(float(cfg["warmup_epochs"]) * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, epochs * steps, warm))
+
+    rid = run_id(cfg, model_cfg or {}, n, len(val_x))
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "since_best": 0, "log": [],
+             "best_state": None}
+    last = Path(out_dir) / "checkpoints" / "last.pt" if out_dir is not None else None
+    if last is not None and last.exists():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        if ck.get("run_id") != rid:
+            raise InputError("checkpoint belongs to a different run (settings, model or spots "
+                             "differ); delete it or use another output directory", file=last)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        state = ck["state"]
+        log.info("resuming %s from epoch %d", last, state["epoch"])
+
+    patience = int(cfg["patience"] or 0)
+    while state["epoch"] < epochs and not (patience and state["since_best"] >= patience):
+        epoch, t0 = state["epoch"], time.time()
+        torch.manual_seed(derive_seed(seed, "epoch", epoch))
+        rng = np.random.default_rng(derive_seed(seed, "epoch-order", epoch))
+        order, sets = rng.permutation(n), rng.integers(0, n_sets, n)
+        model.train()
+        loss_sum, lr = 0.0, opt.param_groups[0]["lr"]
+        for s in range(0, n, batch):
+            idx = order[s:s + batch]
+            x = torch.from_numpy(train_x[sets[idx], idx]).float()
+            loss = torch.nn.functional.mse_loss(model(x), y_std[idx])
+            if not math.isfinite(loss.item()):
+                raise TrainingDiverged(f"loss is {float(loss)} at epoch {epoch + 1}; lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if float(cfg["grad_clip"]) > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+        pred = predict_features(model, val_x, scale=scale, shift=shift)
+        val_loss = float(((pred - val_y) ** 2).mean()) if len(val_y) else float("nan")
+        val_pcc = group_pcc(val_y, pred, val_groups) if len(val_y) else float("nan")
+        key = val_pcc if math.isfinite(val_pcc) else -math.inf
+        if key > state["best"] or state["best_state"] is None:
+            state.update(best=key, best_epoch=epoch + 1, since_best=0,
+                         best_state={k: v.clone() for k, v in model.state_dict().items()})
+        else:
+            state["since_best"] += 1
+        state["epoch"] = epoch + 1
+        state["log"].append({"epoch": epoch + 1, "train_loss": loss_sum / n,
+                             "val_loss": val_loss, "val_gene_pcc": val_pcc, "lr": lr,
+                             "seconds": round(time.time() - t0, 3)})
+        log.info("epoch %d/%d train %.4f val %.4f val_gene_pcc %.4f (%.1fs)", epoch + 1,
+                 epochs, loss_sum / n, val_loss, val_pcc, state["log"][-1]["seconds"])
+        if out_dir is not None:
+            _save({"run_id": rid, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "scheduler": sched.state_dict(), "state": state}, last)
+            _write_log(state["log"], Path(out_dir) / "log.csv")
+    return {"state_dict": state["best_state"], "scale": scale, "shift": shift,
+            "best_epoch": state["best_epoch"], "best_val_gene_pcc": state["best"],
+            "epochs_run": state["epoch"], "log": state["log"]}

@@ -1,0 +1,179 @@
+"""``m2ost_encoder``: M2OST over the token grids of a pretrained encoder, as a feature model.
+
+Trained on the cached token grids of the embed stage (``encoder.tokens``, switched on by itself
+when this kind is selected), on the CPU in minutes; evaluated and used for prediction through
+m2ost.learn.encoded like every feature kind (views encoded on the fly by the same encoder).
+The network is :class:`m2ost.model.token_m2ost.TokenM2OST`; its training loop is
+m2ost.learn.feature_train. Its settings are the ``m2ost_encoder`` section of the config
+(workflow/schemas/config.schema.yaml documents them; :data:`M2OST_ENCODER_DEFAULTS` repeats the
+defaults for callers outside the workflow and a test checks that the two agree).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from m2ost.errors import InputError
+from m2ost.learn.feature_models import EncoderRidge, FeatureModel, FeatureSet, per_sample_pcc
+from m2ost.learn.feature_train import FIT_DEFAULTS, fit_network, predict_features
+from m2ost.model.token_m2ost import TokenM2OST
+
+NETWORK_KEYS = ("depth", "dim", "heads", "mlp_dim", "deformable", "token_mask_ratio", "dropout")
+# Chosen on validation spots of the training sections of the HER2+ splits (docs/benchmarks.md).
+M2OST_ENCODER_DEFAULTS = {
+    "depth": 2, "dim": 64, "heads": 2, "mlp_dim": 128, "deformable": True,
+    "token_mask_ratio": 0.25, "dropout": 0.1,
+    **{k: v for k, v in FIT_DEFAULTS.items() if k != "seed"},
+    "token_pca": 0,
+    "blend_ridge": True,
+    "finetune_blocks": 0,
+}
+BLEND_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
+
+
+def m2ost_encoder_settings(cfg: Mapping | None) -> dict:
+    """``cfg`` over :data:`M2OST_ENCODER_DEFAULTS`, checked; unknown keys are an error."""
+    out = json.loads(json.dumps(M2OST_ENCODER_DEFAULTS))
+    unknown = sorted(set(cfg or {}) - set(out))
+    if unknown:
+        raise InputError(f"unknown m2ost_encoder settings: {', '.join(unknown)}")
+    out.update(cfg or {})
+    if int(out["finetune_blocks"]) > 0:
+        # the cached tokens are the frozen encoder's; fine-tuning trains on images (GPU)
+        raise InputError("m2ost_encoder.finetune_blocks > 0 needs images, not cached tokens: "
+                         "the workflow trains m2ost_encoder on cached tokens only (set it to 0)")
+    return out
+
+
+class M2OSTEncoder(FeatureModel):
+    """TokenM2OST on the (n, V, h*w, C) tokens of all views (see the module docstring).
+
+    With ``blend_ridge``, the prediction is averaged with HEST's ridge probe on the pooled tokens
+    (:class:`~m2ost.learn.feature_models.EncoderRidge`), the weight chosen on the validation spots
+    (1 = the network alone).
+    """
+
+    kind = "m2ost_encoder"
+    input = "tokens"
+    views = None
+
+    def __init__(self, model_cfg: Mapping | None = None, train_cfg: Mapping | None = None):
+        super().__init__(model_cfg, train_cfg)
+        self.settings = m2ost_encoder_settings(self.model_cfg)
+        self.net: TokenM2OST | None = None
+        self.sizes: dict | None = None
+        self.scale = self.shift = None
+        self.ridge, self.weight = None, 1.0
+        self.pca_mean = self.pca_components = None
+
+    def _build(self) -> TokenM2OST:
+        return TokenM2OST(**self.sizes, **{k: self.settings[k] for k in NETWORK_KEYS})
+
+    def fit(self, train, val, out_dir=None) -> list[dict]:
+        if train.x.ndim != 4:
+            raise InputError(f"{self.kind} needs token grids (n, V, h*w, C), got shape {train.x.shape}")
+        seed = int(self.train_cfg.get("seed", 0))
+        self._fit_pca(train.x, seed)
+        train_x, val_x = self._project(train.x), self._project(val.x)
+        _, v, t, c = train_x.shape
+        self.sizes = {"n_genes": int(train.y.shape[1]), "n_views": v, "n_tokens": t, "in_dim": c}
+        fit_cfg = {k: self.settings[k] for k in FIT_DEFAULTS if k != "seed"}
+        fit_cfg["seed"] = seed
+        result = fit_network(self._build, train_x[None], train.y, val_x, val.y, val.group, fit_cfg,
+                             out_dir, model_cfg=self.settings)
+        self.net = self._build()
+        self.net.load_state_dict(result["state_dict"])
+        self.net.eval()
+        self.scale, self.shift = result["scale"], result["shift"]
+        rows = [dict(r) for r in result["log"]]
+        for r in rows:
+            r["chosen"] = r["epoch"] == result["best_epoch"]
+        self.ridge, self.weight = None, 1.0
+        if self.settings["blend_ridge"] and len(val):
+            rows = self._fit_blend(train, val, rows)
+        return rows
+
+    def _fit_blend(self, train, val, rows: list[dict]) -> list[dict]:
+        """Average with HEST's ridge probe on the pooled tokens, the weight chosen on ``val``."""
+        ridge = EncoderRidge(self.model_cfg, self.train_cfg)
+        ridge.fit(FeatureSet(pooled(train.x), train.y, train.group),
+                  FeatureSet(pooled(val.x), val.y, val.group))
+        net, lin = self._net_predict(val.x), ridge.predict(pooled(val.x))
+        scores = [(per_sample_pcc(val.y, w * net + (1 - w) * lin, val.group), w) for w in BLEND_WEIGHTS]
+        best, self.weight = max(scores, key=lambda t: (t[0] if np.isfinite(t[0]) else -np.inf, t[1]))
+        self.ridge = ridge
+        for r in rows:  # every row says its weight: the epochs are the network alone
+            r.update(chosen=False, blend_weight=1.0)
+        rows.append({"epoch": f"best epoch + ridge (alpha {ridge.alpha:g})", "val_gene_pcc": best,
+                     "blend_weight": self.weight, "chosen": True})
+        return rows
+
+    def _fit_pca(self, x: np.ndarray, seed: int) -> None:
+        """Principal axes of the training tokens' channels (``token_pca`` of them; 0: none).
+
+        As HEST's PCA before the ridge: the network's first layer then learns ``k x dim``
+        weights instead of ``C x dim`` (1280 x dim for EfficientNet), fewer to overfit on a
+        few hundred spots and a fifth of the training time.
+        """
+        k = int(self.settings["token_pca"])
+        self.pca_mean = self.pca_components = None
+        if k <= 0 or k >= x.shape[-1]:
+            return
+        flat = x.reshape(-1, x.shape[-1])
+        rng = np.random.default_rng(seed)
+        sample = flat[np.sort(rng.choice(len(flat), min(len(flat), 8192), replace=False))]
+        sample = sample.astype(np.float64)
+        self.pca_mean = sample.mean(0)
+        _, _, vt = np.linalg.svd(sample - self.pca_mean, full_matrices=False)
+        self.pca_components = vt[:k]
+
+    def _project(self, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """Tokens onto the PCA axes (float32), in chunks of spots to bound memory."""
+        if self.pca_components is None:
+            return x
+        comps, mean = self.pca_components.astype(np.float32), self.pca_mean.astype(np.float32)
+        return np.concatenate([(np.asarray(x[s:s + chunk], np.float32) - mean) @ comps.T
+                               for s in range(0, len(x), chunk)]) if len(x) else \
+            np.zeros((*x.shape[:-1], len(comps)), np.float32)
+
+    def _net_predict(self, x: np.ndarray) -> np.ndarray:
+        return predict_features(self.net, self._project(x), scale=self.scale, shift=self.shift)
+
+    def predict(self, x: np.ndarray, grid=(0, 0)) -> np.ndarray:
+        y = self._net_predict(x)
+        if self.ridge is not None and self.weight < 1.0:
+            y = self.weight * y + (1 - self.weight) * self.ridge.predict(pooled(x))
+        return y.astype(np.float32)
+
+    def state(self) -> dict:
+        return {"sizes": dict(self.sizes), "network": {k: self.settings[k] for k in NETWORK_KEYS},
+                "state_dict": self.net.state_dict(), "scale": torch.from_numpy(self.scale),
+                "shift": torch.from_numpy(self.shift), "blend_weight": float(self.weight),
+                "ridge": None if self.ridge is None else self.ridge.state(),
+                "pca": None if self.pca_components is None else
+                {"mean": torch.from_numpy(self.pca_mean), "components": torch.from_numpy(self.pca_components)}}
+
+    @classmethod
+    def from_state(cls, state, model_cfg=None, train_cfg=None) -> M2OSTEncoder:
+        m = cls({**(model_cfg or {}), **state["network"]}, train_cfg)
+        m.sizes = dict(state["sizes"])
+        m.net = m._build()
+        m.net.load_state_dict(state["state_dict"])
+        m.net.eval()
+        m.scale, m.shift = state["scale"].numpy(), state["shift"].numpy()
+        m.weight = float(state["blend_weight"])
+        if state["pca"] is not None:
+            m.pca_mean = state["pca"]["mean"].numpy()
+            m.pca_components = state["pca"]["components"].numpy()
+        m.ridge = None if state["ridge"] is None else EncoderRidge.from_state(state["ridge"])
+        return m
+
+
+def pooled(tokens: np.ndarray) -> np.ndarray:
+    """(n, V, h*w, C) token grids -> (n, V, C) average-pooled features (the encoder's pooling for
+    CNNs; for ViTs the mean token, which stands in for their [cls])."""
+    return np.asarray(tokens, np.float32).mean(2)

@@ -1,0 +1,165 @@
+"""m2ost_encoder on real HER2+ spots: it learns (well above a shuffled-target control), it
+resumes, its settings agree with the config schema, and it saves and loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from realdata import HER2ST, her2st_files, needs_her2st
+
+from m2ost.errors import InputError
+from m2ost.learn.encoders import load_encoder
+from m2ost.learn.feature_models import FeatureSet
+from m2ost.learn.feature_registry import FEATURE_MODELS
+from m2ost.learn.feature_train import fit_network
+from m2ost.learn.token_model import M2OST_ENCODER_DEFAULTS, M2OSTEncoder, m2ost_encoder_settings
+from m2ost.learn.validation import validation_spots
+from m2ost.model.token_m2ost import TokenM2OST
+
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+N_SPOTS, N_GENES = 150, 30
+# small and quick: 64-px encoder input (a 2 x 2 token grid per view), a narrow network
+FAST = {"dim": 32, "heads": 2, "mlp_dim": 64, "epochs": 15, "patience": 0, "batch_size": 32, "blend_ridge": False,
+        "lr": 1e-3, "warmup_epochs": 1}
+
+
+def test_defaults_agree_with_the_config_schema():
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["m2ost_encoder"]["properties"]
+    assert {k: v["default"] for k, v in schema.items()} == M2OST_ENCODER_DEFAULTS
+    assert FEATURE_MODELS["m2ost_encoder"] is M2OSTEncoder
+    with pytest.raises(InputError, match="unknown m2ost_encoder settings: depht"):
+        m2ost_encoder_settings({"depht": 3})
+    with pytest.raises(InputError, match="finetune_blocks"):
+        m2ost_encoder_settings({"finetune_blocks": 2})
+
+
+@pytest.fixture(scope="module")
+def c3_tokens():
+    """Tokens of the three views and log1p-CPM targets of N_SPOTS real C3 spots."""
+    from her2st_views import spot_views
+
+    views, barcodes, _ = spot_views("C3", N_SPOTS)
+    encoder = load_encoder({"input_px": 64}, "cpu")
+    x = np.stack([encoder.encode(v, tokens=True)[1].reshape(N_SPOTS, -1, encoder.dim) for v in views], 1)
+    counts = pd.read_csv(her2st_files("C3")["counts"], sep="\t", index_col=0)
+    panel = (HER2ST / "gene-panels" / "m2ost_250.txt").read_text().split()
+    keep = np.isin(barcodes, counts.index)  # a few spots of the selection have no counts row
+    counts = counts.loc[np.asarray(barcodes)[keep]]
+    x = x[keep]
+    y = np.log1p(counts[panel].to_numpy(np.float64) / counts.sum(1).to_numpy()[:, None] * 1e6)
+    n = len(y)
+    train, val = validation_spots({"C3": n}, 0.3, 0)["C3"]
+    genes = np.argsort(-y[train].var(0))[:N_GENES]  # most variable on the training spots
+    y = y[:, genes].astype(np.float32)
+    group = np.zeros(n, int)
+    return (FeatureSet(x[train].astype(np.float16), y[train], group[train]),
+            FeatureSet(x[val].astype(np.float16), y[val], group[val]))
+
+
+@needs_her2st
+def test_learns_real_expression_well_above_a_shuffled_control(c3_tokens):
+    train, val = c3_tokens
+    model = M2OSTEncoder(FAST, {"seed": 0})
+    rows = model.fit(train, val)
+    real = max(r["val_gene_pcc"] for r in rows)
+    shuffled = FeatureSet(train.x, train.y[np.random.default_rng(0).permutation(len(train))], train.group)
+    control = max(r["val_gene_pcc"] for r in M2OSTEncoder(FAST, {"seed": 0}).fit(shuffled, val))
+    print("real", real, "control", control)
+    assert real > 0.15, real
+    assert real > control + 0.1, (real, control)
+    # the chosen epoch is the one kept, and the model round-trips through its state
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["val_gene_pcc"] == real
+    again = M2OSTEncoder.from_state(model.state(), FAST)
+    np.testing.assert_array_equal(again.predict(val.x), model.predict(val.x))
+
+
+@needs_her2st
+def test_interrupted_training_resumes_to_the_same_weights(c3_tokens, tmp_path, monkeypatch):
+    import m2ost.learn.feature_train as ft
+
+    train, val = c3_tokens
+    cfg = {"epochs": 4, "patience": 0, "batch_size": 32, "lr": 1e-3}
+    sizes = (N_GENES, 3, train.x.shape[2], train.x.shape[3])
+
+    def build():
+        return TokenM2OST(*sizes, dim=16, heads=2, mlp_dim=32, dropout=0.1, token_mask_ratio=0.25)
+
+    args = (build, train.x[None], train.y, val.x, val.y, val.group)
+    full = fit_network(*args, cfg)
+    calls = []
+    real_write = ft._write_log
+
+    def killed_after_epoch_2(rows, path):
+        real_write(rows, path)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "_write_log", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit_network(*args, cfg, tmp_path)
+    monkeypatch.setattr(ft, "_write_log", real_write)
+    resumed = fit_network(*args, cfg, tmp_path)
+    assert [r["epoch"] for r in resumed["log"]] == [1, 2, 3, 4]
+    assert resumed["best_epoch"] == full["best_epoch"]
+    for k, v in full["state_dict"].items():
+        np.testing.assert_array_equal(v.numpy(), resumed["state_dict"][k].numpy())
+    with pytest.raises(InputError, match="different run"):  # a checkpoint of other settings
+        fit_network(*args, {**cfg, "lr": 1e-2}, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Through the workflow's functions, on the synthetic study (A, B train; C held out)
+
+SMALL = {"dim": 16, "heads": 2, "mlp_dim": 32, "epochs": 3, "patience": 0, "token_pca": 32}  # PCA path too
+TRAIN = {"seed": 7, "val_fraction": 0.2, "drop_padded": True, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def study_tokens(tmp_path_factory):
+    from synthetic import make_study
+
+    from m2ost.learn.embeddings import write_embeddings
+
+    root = tmp_path_factory.mktemp("tokens")
+    study = make_study(root / "study", n_spots=40)
+    encoder = load_encoder({"input_px": 64}, "cpu")
+    files = {}
+    for s, bundle in study["bundles"].items():
+        files[s] = str(root / f"{s}.h5")
+        write_embeddings(encoder, bundle, files[s], sample=s, tokens=True, batch_size=16, progress=False)
+    return study, files
+
+
+def test_fit_reads_only_training_slides_and_scores_from_the_cache_as_from_bundles(study_tokens, tmp_path):
+    import anndata
+
+    from m2ost.learn.evaluate import evaluate
+    from m2ost.learn.fit_features import fit_feature_model
+
+    study, files = study_tokens
+    out = tmp_path / "model"
+    # the held-out slide's embeddings are not given: training and validation never read them
+    train_files = {s: files[s] for s in ("A", "B")}
+    result = fit_feature_model("m2ost_encoder", study["bundles"], study["expressions"], train_files,
+                               study["genes_file"], ["A", "B"], {"train": TRAIN, "model": SMALL,
+                                                                 "encoder": {"input_px": 64}}, out)
+    assert result["n_train"] + result["n_val"] == 80  # the 40 spots of A and of B, none of C
+    log = pd.read_csv(out / "log.csv")
+    assert list(log["epoch"][:3]) == ["1", "2", "3"] and log["chosen"].sum() == 1
+    on_the_fly = evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "a",
+                          device="cpu", figures=False)
+    cached = evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "b",
+                      device="cpu", figures=False, embeddings={"C": files["C"]})
+    a = anndata.read_h5ad(tmp_path / "a" / "predictions.h5ad")
+    b = anndata.read_h5ad(tmp_path / "b" / "predictions.h5ad")
+    np.testing.assert_allclose(a.X, b.X, atol=1e-4)
+    assert on_the_fly["mean"]["gene_pcc_mean"] == pytest.approx(cached["mean"]["gene_pcc_mean"], abs=1e-4)
+    with pytest.raises(InputError, match="embeddings of sample A, expected C"):  # not its own cache
+        evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "c",
+                 device="cpu", figures=False, embeddings={"C": files["A"]})
