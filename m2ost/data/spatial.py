@@ -12,6 +12,7 @@ import logging
 
 import h5py
 import numpy as np
+import openslide
 from anndata.io import read_elem
 
 from m2ost.data.slide import open_slide
@@ -71,10 +72,11 @@ def spatial_entry(image: np.ndarray, scalef: float, spot_diameter_px: float) -> 
 
 def slide_spatial(slide_path, mpp: float, diameter_um: float, sample: str | None = None) -> dict | None:
     """The entry of a slide, or None (with a warning) when the slide cannot be read: the viewers
-    then draw the spots without the H&E, which is no reason to fail a finished prediction."""
+    then draw the spots without the H&E, which is no reason to fail a finished prediction or
+    the expression stage (which needs no pixel of the slide otherwise)."""
     try:
         image, scalef = tissue_image(slide_path, sample, mpp)
-    except InputError as err:
+    except (InputError, openslide.OpenSlideError) as err:  # a damaged slide fails its tiling, not this
         log.warning("%s: no H&E image for the viewers (%s)", sample, err)
         return None
     return spatial_entry(image, scalef, diameter_um / mpp)
