@@ -202,3 +202,28 @@ def subprocess_env() -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env["MKL_NUM_THREADS"] = "1"
     return env
+
+
+def poison_network_after(monkeypatch, calls: int) -> None:
+    """Make the trainer's network return NaN from its ``calls``-th training forward pass on
+    (evaluation passes are left alone), to test what a diverged training does."""
+    import torch
+
+    import m2ost.learn.trainer as trainer
+
+    build = trainer.build_network
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x):
+            y = self.inner(x)
+            if self.training:
+                self.calls += 1
+                if self.calls >= calls:
+                    return y * float("nan")
+            return y
+
+    monkeypatch.setattr(trainer, "build_network", lambda *a: Poisoned(build(*a)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import TINY_MODEL, make_sample, panel_genes, tiny_train_cfg
+from synthetic import TINY_MODEL, poison_network_after, make_sample, panel_genes, tiny_train_cfg
 
 import m2ost.learn.augment as A
 import m2ost.learn.trainer as T
@@ -57,22 +57,7 @@ def test_losses_are_read_back_in_blocks_with_the_same_result(study, tmp_path, mo
 
 
 def test_nan_loss_in_a_later_block_names_its_step(study, tmp_path, monkeypatch):
-    build = T.build_network
-
-    class Poisoned(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.calls = inner, 0
-
-        def forward(self, x):
-            y = self.inner(x)
-            if self.training:
-                self.calls += 1
-                if self.calls >= 8:  # epoch 2, step 4 (of 4), in the second block of 3
-                    return y * float("nan")
-            return y
-
-    monkeypatch.setattr(T, "build_network", lambda *a: Poisoned(build(*a)))
+    poison_network_after(monkeypatch, 8)  # epoch 2, step 4 (of 4), in the second block of 3
     monkeypatch.setattr(T, "_READ_EVERY", 3)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 4 of 4.*epoch 1"):
         _run(study, tmp_path, tiny_train_cfg(epochs=3))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthetic import TINY_MODEL, subprocess_env, tiny_train_cfg
+from synthetic import TINY_MODEL, poison_network_after, subprocess_env, tiny_train_cfg
 
 import m2ost.learn.distributed as D
 import m2ost.learn.trainer as T
@@ -173,24 +173,7 @@ def test_checkpoint_of_another_run_is_refused(ref, study, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(study, tmp_path, monkeypatch):
-    build = T.build_network
-
-    class Poisoned(torch.nn.Module):
-        """Returns NaN from the 2nd training step of epoch 2 on (4 steps per epoch here)."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.calls = inner, 0
-
-        def forward(self, x):
-            y = self.inner(x)
-            if self.training:
-                self.calls += 1
-                if self.calls >= 6:
-                    return y * float("nan")
-            return y
-
-    monkeypatch.setattr(T, "build_network", lambda *a: Poisoned(build(*a)))
+    poison_network_after(monkeypatch, 6)  # NaN from the 2nd training step of epoch 2 on (4 steps per epoch here)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 2 of 4.*epoch 1"):
         _run(study, tmp_path, tiny_train_cfg(epochs=3))
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
