@@ -19,6 +19,7 @@ from importlib import metadata
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from workflow_helpers import (FAST_CONFIG, REPO, copy_workdir, dry_run, find_provenance, job,
@@ -31,6 +32,7 @@ CONFIG = yaml.safe_load((REPO / FAST_CONFIG).read_text())
 MODELS = CONFIG["models"]
 NEURAL = [m for m in MODELS if m in ("m2ost", "m2ost_single")]
 FEATURE = [m for m in MODELS if m.startswith("encoder_")]
+MEMBERS = CONFIG["ensemble"]["members"]  # the ensemble refits when one of them does
 ENCODER = "tf_efficientnet_lite0"  # encoder.name default (schema)
 SPLITS = sorted(CONFIG["splits"]["explicit"])  # s1, s2
 # feature models train on the training samples' embeddings and are scored from the test samples'
@@ -56,6 +58,11 @@ def model_jobs(models, splits, predict=True):
         jobs |= {job("train", model=PREDICT_MODEL, split="all")}
         jobs |= {job("predict", sample=s) for s in HE}
     return jobs
+
+
+def with_ensemble(models):
+    """``models`` and the ensemble, when one of its members is among them."""
+    return list(models) + (["ensemble"] if "ensemble" in MODELS and set(models) & set(MEMBERS) else [])
 
 
 def embed_jobs(samples):
@@ -331,7 +338,7 @@ def test_changed_encoder_reembeds_and_retrains_the_feature_models_only(fast_run,
         config["encoder"]["input_px"] = 96
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
-    assert_plan(planned, model_jobs(FEATURE, SPLITS, predict=False) | embed_jobs(SPLIT_SAMPLES))
+    assert_plan(planned, model_jobs(with_ensemble(FEATURE), SPLITS, predict=False) | embed_jobs(SPLIT_SAMPLES))
 
 
 def test_feature_model_scores_the_demo_above_chance(fast_run):
@@ -343,12 +350,25 @@ def test_feature_model_scores_the_demo_above_chance(fast_run):
         assert float(row["gene_pcc_mean"].iloc[0]) > 0.2, table
 
 
+def test_ensemble_holds_its_members_of_the_same_split(fast_run):
+    """The ensemble of each split was fitted on that split's members (their fingerprints), and
+    no test sample of the split was in its training or validation."""
+    for split, sides in CONFIG["splits"]["explicit"].items():
+        payload = torch.load(fast_run.workdir / f"results/models/ensemble/{split}/model.pt", weights_only=True)
+        assert payload["train_samples"] == sides["train"] and not set(payload["train_samples"]) & set(sides["test"])
+        kept = payload["model_cfg"]["members"]
+        assert kept and set(kept) <= set(MEMBERS)
+        for name, fingerprint in zip(kept, payload["model_cfg"]["member_fingerprints"]):
+            member = torch.load(fast_run.workdir / f"results/models/{name}/{split}/model.pt", weights_only=True)
+            assert member["fingerprint"] == fingerprint and member["train_samples"] == sides["train"]
+
+
 def test_changed_learning_rate_retrains_the_neural_models_only(fast_run, tmp_path):
     def change(config):
         config.setdefault("train", {})["lr"] = 0.002
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
-    assert_plan(planned, model_jobs(NEURAL, SPLITS))
+    assert_plan(planned, model_jobs(with_ensemble(NEURAL), SPLITS))
 
 
 def test_two_training_processes_relaunch_the_neural_models_under_torchrun(fast_run, tmp_path):
@@ -356,9 +376,9 @@ def test_two_training_processes_relaunch_the_neural_models_under_torchrun(fast_r
         config["launch"] = {"train_processes": 2}
 
     configfile = write_config(tmp_path / "config.yaml", change)
-    assert_plan(dry_run(fast_run.workdir, configfile), model_jobs(NEURAL, SPLITS))
+    assert_plan(dry_run(fast_run.workdir, configfile), model_jobs(with_ensemble(NEURAL), SPLITS))
     printed = snakemake(fast_run.workdir, "-n", "-p", "--configfile", str(configfile)).stdout
-    launched = [line for line in printed.splitlines() if " -m m2ost train " in line]
+    launched = [line for line in printed.splitlines() if " -m m2ost train " in line and "--kind ensemble" not in line]
     assert launched and all("torch.distributed.run --standalone --nproc_per_node=2 -m m2ost train"
                             in line for line in launched), launched
 

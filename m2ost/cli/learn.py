@@ -17,6 +17,8 @@ def add_parsers(sub) -> None:
                    help="expression of the training samples")
     p.add_argument("--embeddings", nargs="+", metavar="SAMPLE=H5",
                    help="embeddings of the training samples (feature kinds: encoder_ridge, ...)")
+    p.add_argument("--members", nargs="+", metavar="KIND=MODEL.PT",
+                   help="ensemble: its members' model.pt files, trained on the same split")
     p.add_argument("--genes", required=True, help="gene panel file")
     p.add_argument("--settings",
                    help='JSON: {"model": {...}, "train": {...}, "encoder": {...}} (default: the workflow\'s)')

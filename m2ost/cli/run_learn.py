@@ -8,13 +8,15 @@ from m2ost import defaults
 from m2ost.cli.options import parse_pairs, parse_settings
 from m2ost.learn.embeddings import write_embeddings
 from m2ost.learn.encoders import encoder_settings, load_encoder
+from m2ost.learn.ensemble import fit_ensemble
 from m2ost.learn.evaluate import evaluate as evaluate_model
 from m2ost.learn.fit import fit_model
 from m2ost.learn.fit_features import fit_feature_model
 from m2ost.learn.predict import predict_bundle, prediction_outputs
 from m2ost.learn.predict import predict_slide as predict_one_slide
 from m2ost.model.info import print_variants
-from m2ost.plan.kinds import FEATURE_KINDS
+from m2ost.errors import InputError
+from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS
 
 log = logging.getLogger("m2ost")
 
@@ -23,6 +25,13 @@ def train(args) -> None:
     settings = parse_settings(args.settings)
     expressions = parse_pairs(args.expression, "--expression")
     # Unset model and training settings are the workflow's (the config schema's).
+    if args.kind == ENSEMBLE:
+        if not args.members:
+            raise InputError("train --kind ensemble needs --members KIND=MODEL.PT ...")
+        fit_ensemble(parse_pairs(args.members, "--members"), parse_pairs(args.bundle, "--bundle"), expressions,
+                     parse_pairs(args.embeddings, "--embeddings") if args.embeddings else {}, args.genes,
+                     list(expressions), settings, args.out_dir)
+        return
     if args.kind in FEATURE_KINDS:
         fit_feature_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions,
                           parse_pairs(args.embeddings, "--embeddings"), args.genes, list(expressions), settings,

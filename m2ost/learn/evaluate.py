@@ -39,7 +39,7 @@ from m2ost.learn.embeddings import read_embeddings
 from m2ost.learn.loader import SpotDataset
 from m2ost.learn.predictor import Predictor, load_model
 from m2ost.plan.settings import eval_settings
-from m2ost.plan.kinds import FEATURE_KINDS
+from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS
 from m2ost.provenance import provenance
 
 
@@ -61,6 +61,9 @@ def check_bundle(predictor: Predictor, info: dict, bundle, sample) -> None:
 
 def predict_sample(predictor: Predictor, data: SampleData, batch_size: int, workers: int,
                     progress: bool, embeddings: str | os.PathLike | None = None) -> np.ndarray:
+    if predictor.kind == ENSEMBLE:  # each member as it predicts alone (feature kinds from the cache)
+        return sum(w * predict_sample(m, data, batch_size, workers, progress, embeddings)
+                   for w, m in predictor.impl).astype(np.float32)
     if embeddings is not None and predictor.kind in FEATURE_KINDS:
         return predict_from_embeddings(predictor, data, embeddings)
     ds = SpotDataset([data], predictor.views)

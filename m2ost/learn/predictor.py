@@ -18,7 +18,7 @@ from m2ost.learn.encoded import load_encoded
 from m2ost.learn.loader import SpotDataset, make_loader
 from m2ost.learn.network import build_network
 from m2ost.learn.settings import MODEL_FORMAT
-from m2ost.plan.kinds import ALL_KINDS, FEATURE_KINDS
+from m2ost.plan.kinds import ALL_KINDS, ENSEMBLE, FEATURE_KINDS
 
 
 def predict_network(model: torch.nn.Module, dataset: SpotDataset, device: torch.device,
@@ -63,6 +63,9 @@ class Predictor:
                 progress: bool = False) -> np.ndarray:
         if list(dataset.views) != self.views:
             raise InputError(f"dataset views {dataset.views} differ from the model's {self.views}")
+        if self.kind == ENSEMBLE:  # each member on its own views, then the weighted average
+            return sum(w * m.predict(SpotDataset(dataset.data, m.views, dataset.index), batch_size, workers,
+                                     progress) for w, m in self.impl)
         if isinstance(self.impl, torch.nn.Module):
             return predict_network(self.impl, dataset, self.device, batch_size, workers,
                                    progress)
@@ -76,13 +79,20 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> Predictor:
     path = Path(path)
     if not path.exists():
         raise InputError("model file not found (train the model first)", file=path)
-    payload = load_checkpoint(path)
+    return predictor_from_payload(load_checkpoint(path), device, path)
+
+
+def predictor_from_payload(payload: dict, device: str | torch.device = "auto", path=None) -> Predictor:
+    """The Predictor of a loaded ``model.pt`` payload (``path``: named in errors)."""
     if payload.get("format") != MODEL_FORMAT or payload.get("kind") not in ALL_KINDS:
         raise InputError("not a model file written by m2ost (unknown format or kind)", file=path)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if isinstance(device, str) else device
     kind = payload["kind"]
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "state")}
-    if kind in BASELINES:
+    if kind == ENSEMBLE:  # (weight, member Predictor) pairs; the members are stored whole
+        state = payload["state"]
+        impl = [(float(w), predictor_from_payload(m, dev, path)) for w, m in zip(state["weights"], state["members"])]
+    elif kind in BASELINES:
         impl = BASELINES[kind].from_state(payload["state"])
     elif kind in FEATURE_KINDS:  # the encoder runs on the views, then the feature model
         impl = load_encoded(payload, dev)

@@ -5,7 +5,7 @@ launcher, which read the cached encoder embeddings, which settings reach their `
 and by the package (the ``--kind`` choices, the code that fits a kind, the kinds a ``model.pt``
 may hold).
 
-Three families:
+Four families:
 
 - ``neural``: trained by the network loop on the bundles' views (``m2ost.learn.trainer``: torch,
   GPUs, the distributed launcher, the ``model`` settings).
@@ -15,6 +15,8 @@ Three families:
   from bundles with the encoder running on the fly (``m2ost.learn.encoded``). ``input`` says what
   they read from the embeddings (``pooled`` features, or the ``tokens`` grid, which the embed
   stage then stores); ``config`` names the config section passed to them as their model settings.
+- ``ensemble``: the weighted average of other kinds trained on the same split (its ``config``
+  section names them), the weights chosen on the validation spots (``m2ost.learn.ensemble``).
 
 Adding a kind: add a :class:`ModelKind` here; implement it in :mod:`m2ost.learn` under the same
 name; add the name to the ``models`` and ``predict.model`` enums of
@@ -32,13 +34,16 @@ from m2ost.errors import InputError
 BASELINE_TRAIN_KEYS = ("seed", "val_fraction", "drop_padded", "workers")
 # A feature model's spots: the same training/validation draw as every other kind.
 FEATURE_TRAIN_KEYS = ("seed", "val_fraction", "drop_padded")
+# An ensemble's validation spots must be those its members held out: the same draw settings.
+ENSEMBLE_TRAIN_KEYS = FEATURE_TRAIN_KEYS
+ENSEMBLE = "ensemble"
 
 
 @dataclass(frozen=True)
 class ModelKind:
     """One model kind.
 
-    ``family``: ``neural``, ``baseline`` or ``feature`` (module docstring).
+    ``family``: ``neural``, ``baseline``, ``feature`` or ``ensemble`` (module docstring).
     ``train_keys``: the ``train`` settings it uses (None = all of them).
     ``views``: the views it always uses (None = every view of the bundle).
     ``input``, ``config``: for feature kinds, what they read from the embeddings and the config
@@ -70,6 +75,8 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
               train_keys=FEATURE_TRAIN_KEYS, input="pooled"),
     ModelKind("m2ost_encoder", "feature", "M2OST over the encoder's token grids of the views (deformable: coarser "
               "views also carry the finer views' tokens)", input="tokens", config="m2ost_encoder"),
+    ModelKind(ENSEMBLE, "ensemble", "weighted average of the models in ensemble.members, the weights chosen on "
+              "the validation spots", train_keys=ENSEMBLE_TRAIN_KEYS, config="ensemble"),
 )}
 
 NEURAL_KINDS = tuple(n for n, k in KINDS.items() if k.family == "neural")
@@ -88,6 +95,24 @@ def model_kind(name: str) -> ModelKind:
 
 def is_neural(name: str) -> bool:
     return model_kind(name).neural
+
+
+def ensemble_members(config) -> list[str]:
+    """The member kinds of the ensemble in a workflow config (checked: no ensemble inside)."""
+    members = list(config.get(ENSEMBLE, {}).get("members", []))
+    if ENSEMBLE in members or not members:
+        raise InputError("ensemble.members must name at least one model kind other than ensemble")
+    for m in members:
+        model_kind(m)
+    return members
+
+
+def uses_kinds(kinds, config) -> list[str]:
+    """``kinds`` with the ensemble's members added where the ensemble is among them."""
+    out = list(kinds)
+    if ENSEMBLE in out:
+        out += [m for m in ensemble_members(config) if m not in out]
+    return out
 
 
 def needs_tokens(kinds) -> bool:

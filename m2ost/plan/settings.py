@@ -27,6 +27,8 @@ def train_settings(kind: str, config: Mapping) -> dict:
         if k.config:
             out["model"] = dict(config[k.config])
         return out
+    if k.config:  # the ensemble: its members and grid
+        return {"model": dict(config[k.config]), "train": train}
     return {"train": train}
 
 

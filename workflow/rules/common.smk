@@ -16,7 +16,14 @@ sys.path.insert(0, str(REPO))
 from m2ost.errors import InputError
 from m2ost.plan import outputs
 from m2ost.plan.formats import slide_needs_conversion
-from m2ost.plan.kinds import FEATURE_KINDS, is_neural, needs_tokens
+from m2ost.plan.kinds import (
+    ENSEMBLE,
+    FEATURE_KINDS,
+    ensemble_members,
+    is_neural,
+    needs_tokens,
+    uses_kinds,
+)
 from m2ost.plan.samplesheet import read_sample_sheet, sheet_rows
 from m2ost.plan.settings import (
     eval_settings,
@@ -60,6 +67,8 @@ except InputError as err:
 PREDICT_SPLIT = "all"
 # Embeddings of the pretrained encoder live in results/embeddings/{ENCODER}/.
 ENCODER = config["encoder"]["name"]
+# Every kind that may be trained: the selected ones, the predicting one and an ensemble's members.
+MODELS_USED = uses_kinds(config["models"] + [config["predict"]["model"]], config)
 
 
 def _announce_plan():
@@ -88,7 +97,7 @@ def _alternatives(names):
 wildcard_constraints:
     sample=_alternatives(SAMPLES),
     split=_alternatives(list(SPLITS) + [PREDICT_SPLIT]),
-    model=_alternatives(config["models"] + [config["predict"]["model"]]),
+    model=_alternatives(MODELS_USED),
     encoder=re.escape(ENCODER),
 
 
@@ -210,7 +219,7 @@ def panel_settings():
 def encoder_config():
     """The encoder section as the embed stage uses it: tokens stored when a selected model reads them."""
     enc = dict(config["encoder"])
-    enc["tokens"] = bool(enc["tokens"]) or needs_tokens(config["models"] + [config["predict"]["model"]])
+    enc["tokens"] = bool(enc["tokens"]) or needs_tokens(MODELS_USED)
     return enc
 
 
@@ -224,11 +233,17 @@ def embedding_files(samples):
     return [outputs.EMBEDDINGS.format(encoder=ENCODER, sample=s) for s in samples]
 
 
+def reads_embeddings(model):
+    """Feature kinds, and an ensemble with a feature kind among its members."""
+    members = ensemble_members(config) if model == ENSEMBLE else []
+    return model in FEATURE_KINDS or any(m in FEATURE_KINDS for m in members)
+
+
 def train_embeddings(wildcards, side=0):
     """Feature kinds train on the embeddings of the training samples (side 0) and are scored from
     those of the held-out samples (side 1: the same encoder outputs as encoding the views on the
     fly, without encoding them again for every model and split); the others need none."""
-    return embedding_files(split_samples(wildcards.split)[side]) if wildcards.model in FEATURE_KINDS else []
+    return embedding_files(split_samples(wildcards.split)[side]) if reads_embeddings(wildcards.model) else []
 
 
 def test_embeddings(wildcards):
@@ -236,7 +251,7 @@ def test_embeddings(wildcards):
 
 
 def embeddings_arg(wildcards, side=0):
-    if wildcards.model not in FEATURE_KINDS:
+    if not reads_embeddings(wildcards.model):
         return ""
     samples = split_samples(wildcards.split)[side]
     return "--embeddings " + " ".join(shlex.quote(f"{s}={f}") for s, f in zip(samples, embedding_files(samples)))
@@ -244,6 +259,18 @@ def embeddings_arg(wildcards, side=0):
 
 def test_embeddings_arg(wildcards):
     return embeddings_arg(wildcards, 1)
+
+
+def member_models(wildcards):
+    """An ensemble's members, trained on the same split; none for the other kinds."""
+    if wildcards.model != ENSEMBLE:
+        return {}
+    return {m: outputs.MODEL.format(model=m, split=wildcards.split) for m in ensemble_members(config)}
+
+
+def members_arg(wildcards):
+    members = member_models(wildcards)
+    return "--members " + " ".join(shlex.quote(f"{m}={f}") for m, f in members.items()) if members else ""
 
 
 def train_launcher(wildcards):

@@ -30,6 +30,7 @@ rule train:
         expression=lambda w: expression_files(split_samples(w.split)[0]),
         embeddings=train_embeddings,
         genes=outputs.PANEL,
+        members=lambda w: list(member_models(w).values()),
     output:
         outputs.MODEL,
     log:
@@ -46,12 +47,13 @@ rule train:
         bundles=lambda w: pairs(split_samples(w.split)[0], "bundle"),
         expression=lambda w: pairs(split_samples(w.split)[0], "expression"),
         embeddings=embeddings_arg,
+        members=members_arg,
         settings=lambda w: as_json(train_settings(w.model, config)),
         launcher=train_launcher,
         out_dir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
-        "{params.embeddings} --genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
+        "{params.embeddings} {params.members} --genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
 
 
 rule evaluate:

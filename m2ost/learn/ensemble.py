@@ -1,0 +1,170 @@
+"""``ensemble``: a weighted average of other trained models of the same split.
+
+The members (``ensemble.members``: any kinds but ``ensemble``) are trained as usual; the
+ensemble then predicts the validation spots of the training samples with each of them (the same
+draw every kind holds out, so no member has trained on them) and keeps the weights (a grid on
+the simplex, step ``ensemble.step``) with the best mean per-gene Pearson there. Models that err
+differently (the network on the pixels, probes on handcrafted or pretrained features) average
+to better predictions than each alone; which ones and how much is decided on validation spots,
+never on a held-out slide.
+
+``model.pt`` holds the members with a non-zero weight in full (their own payloads), so it
+predicts new slides with no other file; predicting runs every kept member
+(m2ost.learn.evaluate.predict_sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from m2ost.data.panel import read_gene_list
+from m2ost.errors import InputError
+from m2ost.eval.metrics import gene_pcc_by_group
+from m2ost.learn.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
+from m2ost.learn.dataset import load_samples
+from m2ost.learn.evaluate import predict_sample
+from m2ost.learn.feature_models import per_sample_pcc
+from m2ost.learn.predictor import predictor_from_payload
+from m2ost.learn.settings import model_fingerprint, train_settings
+from m2ost.learn.validation import validation_spots
+from m2ost.plan.kinds import ENSEMBLE_TRAIN_KEYS, FEATURE_KINDS
+
+log = logging.getLogger(__name__)
+
+KIND = "ensemble"
+
+
+def simplex_weights(n: int, step: float) -> list[tuple[float, ...]]:
+    """Every weight vector of ``n`` members on a grid of ``step`` that sums to 1."""
+    if n < 1:
+        raise InputError("an ensemble needs at least one member")
+    k = int(round(1.0 / step))
+    if k < 1 or abs(k * step - 1.0) > 1e-9:
+        raise InputError(f"ensemble.step must divide 1 (0.1, 0.125, 0.25, ...), got {step}")
+    return [tuple(c / k for c in combo) for combo in itertools.product(range(k + 1), repeat=n)
+            if sum(combo) == k]
+
+
+def choose_weights(preds: Sequence[np.ndarray], truth: np.ndarray, group: np.ndarray,
+                   step: float) -> tuple[tuple[float, ...], list[dict]]:
+    """The weights with the best mean per-gene Pearson (per sample, averaged) of the weighted
+    average of ``preds``; ties (to 1e-6) go to the lower squared error, since adding a constant
+    predictor such as ``mean`` changes no Pearson r. Returns (weights, one row each)."""
+    rows = []
+    for w in simplex_weights(len(preds), step):
+        pred = sum(wi * p for wi, p in zip(w, preds) if wi)
+        rows.append({"weights": w, "val_gene_pcc": per_sample_pcc(truth, pred, group),
+                     "val_loss": float(((pred - truth) ** 2).mean())})
+
+    def key(r):
+        pcc = r["val_gene_pcc"]
+        return (round(pcc, 6) if np.isfinite(pcc) else -np.inf, -r["val_loss"])
+
+    best = max(rows, key=key)
+    return best["weights"], rows
+
+
+def member_check(name: str, payload: Mapping, genes: Sequence[str], cfg: Mapping,
+                 train_samples: Sequence[str], path) -> None:
+    """A member must be of this split (same genes and training samples) and must have held out
+    the same validation spots (same seed, fraction, padding rule)."""
+    if payload.get("kind") == KIND:
+        raise InputError("an ensemble cannot be a member of an ensemble", file=path)
+    if list(payload["genes"]) != list(genes):
+        raise InputError(f"member {name} was trained on another gene panel; retrain it", file=path)
+    if sorted(payload.get("train_samples", [])) != sorted(train_samples):
+        raise InputError(f"member {name} was trained on samples {payload.get('train_samples')}, "
+                         f"not {list(train_samples)}", file=path)
+    theirs = payload.get("train_cfg", {})
+    differ = [k for k in ENSEMBLE_TRAIN_KEYS if k in theirs and theirs[k] != cfg[k]]
+    if differ:
+        raise InputError(f"member {name} held out other validation spots (train settings "
+                         f"{', '.join(differ)} differ); retrain it", file=path)
+
+
+def validation_predictions(predictors: Sequence, data, parts: Mapping, embeddings: Mapping[str, str],
+                           batch_size: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Each member's predictions of the validation spots, their targets and sample numbers."""
+    subsets = [dataclasses.replace(d, rows=d.rows[v], spot_ids=d.spot_ids[v], centers=d.centers[v],
+                                   padded=d.padded[v], targets=d.targets[v])
+               for d in data for v in [parts[d.sample][1]]]
+    preds = [np.concatenate([predict_sample(p, s, batch_size, 0, False,
+                                            embeddings.get(s.sample) if p.kind in FEATURE_KINDS else None)
+                             for s in subsets]) for p in predictors]
+    truth = np.concatenate([s.targets for s in subsets])
+    group = np.concatenate([np.full(len(s), k) for k, s in enumerate(subsets)])
+    return preds, truth, group
+
+
+def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], expressions: Mapping[str, str],
+                 embeddings: Mapping[str, str] | None, genes_file: str, train_samples: Sequence[str],
+                 settings: Mapping | None, out_dir: str | os.PathLike) -> dict:
+    """Choose the members' weights on the validation spots; write ``out_dir/model.pt`` and ``log.csv``.
+
+    ``member_files``: member name -> its ``model.pt`` (trained on this split);
+    ``settings``: ``{"model": {"members": [...], "step": 0.1}, "train": {seed, val_fraction,
+    drop_padded}}``; ``embeddings``: cached embeddings of the training samples, read by the
+    feature-kind members (without them their encoder runs on the views).
+    """
+    settings = dict(settings or {})
+    ens_cfg = dict(settings.get("model") or {})
+    cfg = train_settings(settings.get("train"))
+    step = float(ens_cfg.get("step", 0.1))
+    genes = read_gene_list(genes_file)
+    names = list(member_files)
+    if not names:
+        raise InputError("an ensemble needs at least one member (ensemble.members)")
+    payloads = {}
+    for name in names:
+        payloads[name] = load_checkpoint(Path(member_files[name]))
+        member_check(name, payloads[name], genes, cfg, train_samples, member_files[name])
+    predictors = [predictor_from_payload(payloads[n], "cpu") for n in names]
+    data = load_samples(bundles, expressions, genes, list(train_samples), None,
+                        drop_padded=bool(cfg["drop_padded"]), verify=False)
+    for p, name in zip(predictors, names):  # padding is judged on a member's views: same spots?
+        mine = load_samples(bundles, expressions, genes, list(train_samples), p.views,
+                            drop_padded=bool(cfg["drop_padded"]), verify=False)
+        if any(len(a) != len(b) or (a.rows != b.rows).any() for a, b in zip(mine, data)):
+            raise InputError(f"member {name} uses views {p.views}, which drop other padded spots than all "
+                             "views do: its validation spots differ (set train.drop_padded: false)")
+    parts = validation_spots({d.sample: len(d) for d in data}, float(cfg["val_fraction"]), int(cfg["seed"]))
+    n_val = sum(len(parts[d.sample][1]) for d in data)
+    if n_val < 2:
+        raise InputError(f"an ensemble chooses its weights on validation spots; {n_val} drawn "
+                         "(train.val_fraction > 0 needed)")
+    preds, truth, group = validation_predictions(predictors, data, parts, embeddings or {}, 64)
+    weights, rows = choose_weights(preds, truth, group, step)
+    for name, p in zip(names, preds):
+        log.info("ensemble member %s: validation gene PCC %.4f", name, per_sample_pcc(truth, p, group))
+    log.info("ensemble weights %s: validation gene PCC %.4f",
+             ", ".join(f"{n} {w:g}" for n, w in zip(names, weights)),
+             max(r["val_gene_pcc"] for r in rows))
+    for r in rows:
+        r["chosen"] = r["weights"] == weights
+        r["weights"] = " ".join(f"{n}={w:g}" for n, w in zip(names, r["weights"]))
+    kept = [(n, w) for n, w in zip(names, weights) if w > 0]
+    views = sorted({v for n, _ in kept for v in payloads[n]["views"]})
+    info = data[0].info
+    fov = [info["fov_um"][v] for v in views]
+    img_size = info["size_px"][views[0]]
+    stored_cfg = {"members": [n for n, _ in kept], "weights": [w for _, w in kept], "step": step,
+                  "member_fingerprints": [payloads[n]["fingerprint"] for n, _ in kept]}
+    fp = model_fingerprint(KIND, stored_cfg, genes, views, img_size, fov)
+    payload = model_payload(KIND, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
+    payload["state"] = {"weights": [w for _, w in kept], "members": [payloads[n] for n, _ in kept]}
+    ensemble_pred = sum(w * p for w, p in zip(weights, preds) if w)
+    payload["val_gene_pcc_per_gene"] = gene_pcc_by_group(truth, ensemble_pred, group, genes)
+    out_dir = Path(out_dir)
+    save_checkpoint(payload, out_dir / "model.pt")
+    write_log(rows, out_dir / "log.csv")
+    best = next(r for r in rows if r["chosen"])
+    return {"kind": KIND, "model_file": str(out_dir / "model.pt"), "weights": dict(kept),
+            "val_gene_pcc": best["val_gene_pcc"], "val_loss": best["val_loss"]}
+
