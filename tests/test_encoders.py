@@ -75,6 +75,25 @@ def test_views_are_resized_to_the_input_size(b4_crops, lite0):
     assert np.corrcoef(pooled.ravel(), lite0.encode(b4_crops).ravel())[0, 1] > 0.8  # same tissue, half the detail
 
 
+@needs_her2st
+def test_tta_features_do_not_depend_on_the_orientation(b4_crops, lite0):
+    """encoder.tta averages over the 8 flips/rotations: a turned or mirrored crop gives the same
+    pooled features and the turned token grid; without tta it does not."""
+    tta = load_encoder({"tta": True}, "cpu")
+    pooled, grid = tta.encode(b4_crops, tokens=True)
+    turned = np.ascontiguousarray(np.rot90(b4_crops, 1, axes=(1, 2))[:, :, ::-1])
+    pooled_t, grid_t = tta.encode(turned, tokens=True)
+    np.testing.assert_allclose(pooled_t, pooled, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(grid_t, np.rot90(grid, 1, axes=(1, 2))[:, :, ::-1], rtol=0, atol=1e-4)
+    assert np.abs(lite0.encode(turned) - lite0.encode(b4_crops)).max() > 0.05
+    # The average of the plain encoder over the eight orientations, computed by hand.
+    by_hand = np.mean([lite0.encode(np.ascontiguousarray(np.rot90(b4_crops, k, axes=(1, 2))[:, :, ::-1] if f
+                                                         else np.rot90(b4_crops, k, axes=(1, 2))))
+                       for f in (False, True) for k in range(4)], 0)
+    np.testing.assert_allclose(pooled, by_hand, rtol=0, atol=1e-4)
+    assert tta.record()["settings"]["tta"] is True  # embeddings and models record it
+
+
 def test_missing_weights_file_is_one_clear_error(tmp_path):
     path = tmp_path / "uni.bin"
     with pytest.raises(InputError, match="encoder weights file not found") as err:

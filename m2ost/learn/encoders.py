@@ -46,11 +46,14 @@ ENCODER_DEFAULTS = {
     "mean": [0.498, 0.498, 0.498],   # the TensorFlow Lite models' (x - 127) / 128
     "std": [0.502, 0.502, 0.502],
     "kwargs": {},
+    "tta": False,
     "tokens": False,
     "batch_size": 64,
 }
 # Settings that change what the encoder computes (the rest only how fast / what is stored).
-FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs")
+FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta")
+# tta: the 8 flips/rotations of the dihedral group as (quarter turns, then a left-right flip).
+DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
 _STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.")
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
@@ -250,15 +253,31 @@ class Encoder:
     @torch.inference_mode()
     def encode(self, images, tokens: bool = False):
         """Pooled features (B, D) float32 and, with ``tokens``, the token grid (B, h, w, C)
-        float32 of uint8 RGB images (B, H, W, 3); numpy arrays. CUDA runs under bf16 autocast."""
+        float32 of uint8 RGB images (B, H, W, 3); numpy arrays. CUDA runs under bf16 autocast.
+
+        With ``tta`` in the settings, both are averaged over the 8 flips/rotations of the
+        images (each token grid turned back first): tissue has no orientation, and features
+        that do not depend on it transfer better (docs/benchmarks.md); 8 times the compute."""
         x = self._prepare(images)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            feats = self.model.forward_features(x)
-            pooled = self.model.forward_head(feats, pre_logits=True)
-        pooled = pooled.float().cpu().numpy()
+        pooled = grid = None
+        transforms = DIHEDRAL if self.settings.get("tta") else DIHEDRAL[:1]
+        for k, flip in transforms:
+            xt = torch.rot90(x, k, dims=(2, 3)) if k else x
+            xt = xt.flip(3) if flip else xt
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                feats = self.model.forward_features(xt)
+                p = self.model.forward_head(feats, pre_logits=True).float()
+            pooled = p if pooled is None else pooled + p
+            if tokens:
+                g = self._grid(feats).float()
+                g = g.flip(2) if flip else g  # undo the flip, then the turn: the grid of x
+                g = torch.rot90(g, -k, dims=(1, 2)) if k else g
+                grid = g if grid is None else grid + g
+        n = len(transforms)
+        pooled = (pooled / n).cpu().numpy()
         if not tokens:
             return pooled
-        return pooled, self._grid(feats).float().cpu().numpy()
+        return pooled, (grid / n).cpu().numpy()
 
 
 def load_encoder(cfg: Mapping | None = None, device: str | torch.device = "auto") -> Encoder:
