@@ -181,6 +181,20 @@ def make_study(root, samples: dict[str, int] | None = None, **kwargs) -> dict:
     return out
 
 
+def embed_study(study: dict, root, encoder_cfg: dict) -> dict:
+    """Embeddings of every sample of ``study`` by the encoder of ``encoder_cfg``, in ``root``:
+    {"files": sample -> path, "encoder": the Encoder, "root": root}."""
+    from m2ost.learn.embeddings import write_embeddings
+    from m2ost.learn.encoders import load_encoder
+
+    encoder = load_encoder(encoder_cfg, "cpu")
+    files = {}
+    for s, bundle in study["bundles"].items():
+        files[s] = str(Path(root) / f"{s}.h5")
+        write_embeddings(encoder, bundle, files[s], sample=s, batch_size=16, progress=False)
+    return {"files": files, "encoder": encoder, "root": Path(root)}
+
+
 def tiny_train_cfg(**overrides) -> dict:
     """Training settings for second-long CPU runs."""
     cfg = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.01, "workers": 0,

@@ -7,11 +7,10 @@ import anndata
 import numpy as np
 import pytest
 import torch
+from synthetic import embed_study
 
 from m2ost.errors import InputError
 from m2ost.learn.checkpoints import read_log
-from m2ost.learn.embeddings import write_embeddings
-from m2ost.learn.encoders import load_encoder
 from m2ost.learn.ensemble import choose_weights, fit_ensemble, simplex_weights
 from m2ost.learn.evaluate import evaluate
 from m2ost.learn.feature_models import per_sample_pcc
@@ -66,11 +65,7 @@ def test_members_come_from_the_config_and_join_the_kinds_to_train():
 def members(study, tmp_path_factory):
     """ridge, mean and encoder_ridge on samples A and B of the synthetic study, and C's embeddings."""
     root = tmp_path_factory.mktemp("members")
-    encoder = load_encoder(ENCODER, "cpu")
-    emb = {}
-    for s, bundle in study["bundles"].items():
-        emb[s] = str(root / f"{s}.h5")
-        write_embeddings(encoder, bundle, emb[s], sample=s, batch_size=16, progress=False)
+    emb = embed_study(study, root, ENCODER)["files"]
     files = {}
     for kind in ("ridge", "mean"):
         fit_model(kind, study["bundles"], study["expressions"], study["genes_file"], ["A", "B"], {}, TRAIN,

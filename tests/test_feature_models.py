@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic import N_GENES
+from synthetic import N_GENES, embed_study
 
 from m2ost.errors import InputError
-from m2ost.learn.embeddings import read_embeddings, write_embeddings
-from m2ost.learn.encoders import load_encoder
+from m2ost.learn.embeddings import read_embeddings
 from m2ost.learn.evaluate import evaluate
 from m2ost.learn.feature_models import PCA_COMPONENTS, EncoderRidge, FeatureSet
 from m2ost.learn.fit import fit_model
@@ -71,13 +70,7 @@ def study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def embedded(study, tmp_path_factory):
     """The study embedded by the default encoder."""
-    root = tmp_path_factory.mktemp("embedded")
-    encoder = load_encoder(ENCODER, "cpu")
-    files = {}
-    for s, bundle in study["bundles"].items():
-        files[s] = str(root / f"{s}.h5")
-        write_embeddings(encoder, bundle, files[s], sample=s, batch_size=16, progress=False)
-    return {"files": files, "encoder": encoder, "root": root}
+    return embed_study(study, tmp_path_factory.mktemp("embedded"), ENCODER)
 
 
 @pytest.fixture(scope="module")
