@@ -34,11 +34,9 @@ from m2ost.learn.feature_models import per_sample_pcc
 from m2ost.learn.predictor import predictor_from_payload
 from m2ost.learn.settings import model_fingerprint, train_settings
 from m2ost.learn.validation import validation_spots
-from m2ost.plan.kinds import ENSEMBLE_TRAIN_KEYS, FEATURE_KINDS
+from m2ost.plan.kinds import ENSEMBLE, ENSEMBLE_TRAIN_KEYS, FEATURE_KINDS
 
 log = logging.getLogger(__name__)
-
-KIND = "ensemble"
 
 
 def simplex_weights(n: int, step: float) -> list[tuple[float, ...]]:
@@ -75,7 +73,7 @@ def member_check(name: str, payload: Mapping, genes: Sequence[str], cfg: Mapping
                  train_samples: Sequence[str], path) -> None:
     """A member must be of this split (same genes and training samples) and must have held out
     the same validation spots (same seed, fraction, padding rule)."""
-    if payload.get("kind") == KIND:
+    if payload.get("kind") == ENSEMBLE:
         raise InputError("an ensemble cannot be a member of an ensemble", file=path)
     if list(payload["genes"]) != list(genes):
         raise InputError(f"member {name} was trained on another gene panel; retrain it", file=path)
@@ -125,7 +123,7 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     for name in names:
         payloads[name] = load_checkpoint(Path(member_files[name]))
         member_check(name, payloads[name], genes, cfg, train_samples, member_files[name])
-    predictors = [predictor_from_payload(payloads[n], "cpu") for n in names]
+    predictors = [predictor_from_payload(payloads[n], "auto") for n in names]  # a GPU when present
     data = load_samples(bundles, expressions, genes, list(train_samples), None,
                         drop_padded=bool(cfg["drop_padded"]), verify=False)
     for p, name in zip(predictors, names):  # padding is judged on a member's views: same spots?
@@ -156,8 +154,8 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     img_size = info["size_px"][views[0]]
     stored_cfg = {"members": [n for n, _ in kept], "weights": [w for _, w in kept], "step": step,
                   "member_fingerprints": [payloads[n]["fingerprint"] for n, _ in kept]}
-    fp = model_fingerprint(KIND, stored_cfg, genes, views, img_size, fov)
-    payload = model_payload(KIND, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
+    fp = model_fingerprint(ENSEMBLE, stored_cfg, genes, views, img_size, fov)
+    payload = model_payload(ENSEMBLE, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
     payload["state"] = {"weights": [w for _, w in kept], "members": [payloads[n] for n, _ in kept]}
     ensemble_pred = sum(w * p for w, p in zip(weights, preds) if w)
     payload["val_gene_pcc_per_gene"] = gene_pcc_by_group(truth, ensemble_pred, group, genes)
@@ -165,6 +163,6 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     save_checkpoint(payload, out_dir / "model.pt")
     write_log(rows, out_dir / "log.csv")
     best = next(r for r in rows if r["chosen"])
-    return {"kind": KIND, "model_file": str(out_dir / "model.pt"), "weights": dict(kept),
+    return {"kind": ENSEMBLE, "model_file": str(out_dir / "model.pt"), "weights": dict(kept),
             "val_gene_pcc": best["val_gene_pcc"], "val_loss": best["val_loss"]}
 
