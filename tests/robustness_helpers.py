@@ -122,6 +122,19 @@ def grid_spots(path, n: int, lo: float, hi: float, fmt_ids: str = "s{}") -> Path
 # Expression sources
 # ---------------------------------------------------------------------------------------------
 
+def visium_hex(n_rows: int, n_cols: int, mpp: float, origin_px: float) -> pd.DataFrame:
+    """Visium's hexagonal grid (checkerboard indices, 100 µm pitch) in full-resolution px."""
+    rows, cols = [], []
+    for r in range(n_rows):
+        for c in range(r % 2, 2 * n_cols, 2):
+            rows.append(r)
+            cols.append(c)
+    rows, cols = np.array(rows), np.array(cols)
+    return pd.DataFrame({"array_row": rows, "array_col": cols,
+                         "pxl_row_in_fullres": np.round(origin_px + rows * 50 * np.sqrt(3) / mpp).astype(int),
+                         "pxl_col_in_fullres": np.round(origin_px + cols * 50 / mpp).astype(int)})
+
+
 def visium_outs(root, n_rows: int = 4, n_cols: int = 6, mpp: float = 0.5, spot_diameter_um: float = 65.0,
                 genes=("GA", "GB", "GC", "GD", "GE"), seed: int = 0, counts: np.ndarray | None = None,
                 matrix_barcodes: list[str] | None = None, scalefactors: dict | None | bool = True,
@@ -137,18 +150,10 @@ def visium_outs(root, n_rows: int = 4, n_cols: int = 6, mpp: float = 0.5, spot_d
     root = Path(root)
     spatial = root / "outs" / "spatial"
     spatial.mkdir(parents=True, exist_ok=True)
-    rows, cols = [], []
-    for r in range(n_rows):
-        for c in range(r % 2, 2 * n_cols, 2):
-            rows.append(r)
-            cols.append(c)
-    rows, cols = np.array(rows), np.array(cols)
-    barcodes = [f"AC{r:02d}{c:02d}GT-1" for r, c in zip(rows, cols)]
-    step_col = 50.0 / mpp  # px per array column (50 µm)
-    step_row = 100.0 * np.sqrt(3) / 2 / mpp
-    pos = pd.DataFrame({"barcode": barcodes, "in_tissue": 1, "array_row": rows, "array_col": cols,
-                        "pxl_row_in_fullres": np.round(origin_px + rows * step_row).astype(int),
-                        "pxl_col_in_fullres": np.round(origin_px + cols * step_col).astype(int)})
+    pos = visium_hex(n_rows, n_cols, mpp, origin_px)
+    barcodes = [f"AC{r:02d}{c:02d}GT-1" for r, c in zip(pos["array_row"], pos["array_col"])]
+    pos.insert(0, "in_tissue", 1)
+    pos.insert(0, "barcode", barcodes)
     pos.to_csv(spatial / "tissue_positions.csv", index=False)
     if scalefactors is True:
         scalefactors = {"spot_diameter_fullres": spot_diameter_um / mpp, "tissue_hires_scalef": 0.1,

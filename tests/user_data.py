@@ -19,20 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from robustness_helpers import pyramid_slide, tissue_image
-
-
-def visium_hex(n_rows: int, n_cols: int, mpp: float, origin_px: float) -> pd.DataFrame:
-    """Visium's hexagonal grid (checkerboard indices, 100 µm pitch) in full-resolution px."""
-    rows, cols = [], []
-    for r in range(n_rows):
-        for c in range(r % 2, 2 * n_cols, 2):
-            rows.append(r)
-            cols.append(c)
-    rows, cols = np.array(rows), np.array(cols)
-    return pd.DataFrame({"array_row": rows, "array_col": cols,
-                         "pxl_row_in_fullres": np.round(origin_px + rows * 50 * np.sqrt(3) / mpp).astype(int),
-                         "pxl_col_in_fullres": np.round(origin_px + cols * 50 / mpp).astype(int)})
+from robustness_helpers import pyramid_slide, tissue_image, visium_hex
 
 
 def hest_sample(root, sample_id: str, *, size: int = 1400, mpp: float = 0.5, blank: bool = False,
