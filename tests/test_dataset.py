@@ -9,7 +9,7 @@ import torch
 
 from synthetic import make_sample, panel_genes, write_bundle
 
-from m2ost.learn.augment import IMAGENET_MEAN, IMAGENET_STD, prepare_batch
+from m2ost.learn.augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENTATION, prepare_batch
 from m2ost.learn.dataset import load_sample, load_samples
 from m2ost.learn.loader import SpotDataset, make_loader
 from m2ost.errors import InputError
@@ -45,7 +45,7 @@ def test_rows_follow_bundle_row_and_padded_spots_drop(tmp_path):
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32, 3)
     assert np.array_equal(img[0].numpy(), d["views"][0][keep[1]])
     assert np.allclose(target.numpy(), d["x"][1], atol=1e-6)
-    assert aug.tolist() == [0, 0, 0, 1, 1, 1]  # no augmentation
+    assert aug.tolist() == list(NO_AUGMENTATION)  # no augmentation
     assert SpotDataset([single], views=[0])[0][0].shape == (1, 32, 32, 3)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from m2ost.errors import InputError
-from m2ost.learn.augment import augment_settings
+from m2ost.learn.augment import AUG_LENGTH, NO_AUGMENTATION, augment_settings, is_active
 from m2ost.learn.dataset import SampleData, check_views
 
 
@@ -26,8 +26,9 @@ class SpotDataset(Dataset):
 
     ``images`` is the uint8 tensor (V, H, W, 3) of the selected views of one spot, as stored;
     ``target`` the float32 expression on the panel (an empty tensor for samples without
-    targets); ``aug`` the float32 (6,) augmentation drawn for this spot: rot90 count, h-flip,
-    v-flip, brightness, contrast, saturation (0, 0, 0, 1, 1, 1 without augmentation).
+    targets); ``aug`` the float32 (12,) augmentation drawn for this spot: rot90 count, h-flip,
+    v-flip, brightness, contrast, saturation, HED alpha x 3, HED beta x 3
+    (:data:`~m2ost.learn.augment.NO_AUGMENTATION` without augmentation).
     :func:`~m2ost.learn.augment.prepare_batch` applies it on the device, the same flip/rotation to every view of the
     spot. Flipping 3-byte pixels on the host costs about 4 ms per spot (docs/performance.md), on
     the device next to nothing, and the loader then only copies bytes.
@@ -141,19 +142,23 @@ class SpotDataset(Dataset):
 
     def draw(self, i: int, epoch: int | None = None) -> tuple[int, bool, bool, np.ndarray]:
         """The augmentation of item ``i`` in ``epoch`` (default: the current one): rot90 count,
-        h-flip, v-flip, jitter."""
+        h-flip, v-flip, and the 9 stain/colour numbers (brightness, contrast, saturation
+        factors, HED alpha, HED beta)."""
         a = self.augment
         epoch = self.epoch if epoch is None else int(epoch)
         rng = np.random.default_rng([self.seed, epoch, int(i)])
         # Always draw every number, so switching one option does not change the others.
         k, hflip, vflip = (int(v) for v in rng.integers(0, 4, 3))
         u = rng.uniform(-1.0, 1.0, 3)
+        # Drawn after the others, so adding stain jitter left the earlier draws as they were.
+        h = rng.uniform(-1.0, 1.0, 6)
         k = k if a["rot90"] else 0
         hflip = a["flip"] and hflip % 2 == 1
         # Rotations plus one flip already give all 8 symmetries; a v-flip only when no rot90.
         vflip = a["flip"] and not a["rot90"] and vflip % 2 == 1
         jitter = 1.0 + u * np.array([a["brightness"], a["contrast"], a["saturation"]])
-        return k, hflip, vflip, jitter.astype(np.float32)
+        alpha, beta = 1.0 + h[:3] * a["hed"], h[3:] * a["hed"]
+        return k, hflip, vflip, np.concatenate([jitter, alpha, beta]).astype(np.float32)
 
     def _views_of(self, k: int) -> list:
         """Readers of the selected views of sample ``k`` (cached per process): the byte offset
@@ -173,7 +178,7 @@ class SpotDataset(Dataset):
         return cached
 
     def __getitems__(self, indices: Sequence) -> Batch:
-        """A whole batch at once: ``(images (B, V, H, W, 3), targets (B, G), aug (B, 6))``.
+        """A whole batch at once: ``(images (B, V, H, W, 3), targets (B, G), aug (B, 12))``.
 
         Equal to collating :meth:`__getitem__` item by item, but many times faster: the views
         are read straight into one preallocated batch buffer (in shared memory inside a
@@ -207,14 +212,13 @@ class SpotDataset(Dataset):
             if t is not None:
                 targets[positions] = t[ps[positions]]
         aug = (np.stack([self.aug_vector(i, e) for e, i in pairs]) if n
-               else np.zeros((0, 6), np.float32))
+               else np.zeros((0, AUG_LENGTH), np.float32))
         return Batch((images, torch.from_numpy(targets), torch.from_numpy(aug)))
 
     def aug_vector(self, i: int, epoch: int | None = None) -> np.ndarray:
-        """The float32 (6,) augmentation of item ``i`` in ``epoch`` (see the class docstring)."""
-        a = self.augment
-        if not (a["flip"] or a["rot90"] or a["brightness"] or a["contrast"] or a["saturation"]):
-            return np.array([0, 0, 0, 1, 1, 1], np.float32)
+        """The float32 (12,) augmentation of item ``i`` in ``epoch`` (see the class docstring)."""
+        if not is_active(self.augment):
+            return np.array(NO_AUGMENTATION, np.float32)
         k, hflip, vflip, jitter = self.draw(i, epoch)
         return np.concatenate([[k, hflip, vflip], jitter]).astype(np.float32)
 
