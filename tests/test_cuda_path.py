@@ -110,7 +110,9 @@ def test_prediction_starts_no_more_workers_than_batches_after_the_first(tmp_path
 def _spots(tmp_path: Path, n: int = 24) -> tuple[SpotDataset, dict]:
     d = make_sample(tmp_path, "S", n_spots=n)
     s = load_sample(d["bundle"], d["expression"], panel_genes(), sample="S")
-    return SpotDataset([s], augment=True, seed=3), d
+    # every augmentation on, stain jitter included: the device path must match the CPU's
+    aug = {"flip": True, "rot90": True, "color_jitter": 0.1, "hed_jitter": 0.05}
+    return SpotDataset([s], augment=aug, seed=3), d
 
 
 @CUDA

@@ -144,13 +144,12 @@ def apply_geometry(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
 
 def _full_vector(aug: torch.Tensor) -> torch.Tensor:
     """(B, 3) colour factors or (B, 6) geometry + colour -> (B, AUG_LENGTH), the rest neutral."""
-    neutral = torch.tensor(NO_AUGMENTATION, dtype=aug.dtype).expand(len(aug), AUG_LENGTH)
     if aug.shape[-1] == AUG_LENGTH:
         return aug
     start = {3: 3, 6: 0}.get(aug.shape[-1])
     if start is None:
         raise ValueError(f"augmentation vectors have 3, 6 or {AUG_LENGTH} numbers, got {aug.shape[-1]}")
-    out = neutral.clone()
+    out = torch.tensor(NO_AUGMENTATION, dtype=aug.dtype).repeat(len(aug), 1)
     out[:, start:start + aug.shape[-1]] = aug
     return out
 
