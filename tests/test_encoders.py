@@ -10,7 +10,8 @@ import yaml
 from realdata import REPO, needs_her2st
 
 from m2ost.errors import InputError
-from m2ost.learn.encoders import DEFAULT_WEIGHTS, ENCODER_DEFAULTS, default_weights_file, encoder_settings, load_encoder
+from m2ost.learn.encoders import (DEFAULT_WEIGHTS, ENCODER_DEFAULTS, default_weights_file, encoder_settings,
+                                  load_encoder, stored_settings)
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 
@@ -45,10 +46,18 @@ def test_default_encoder_reproduces_the_reference_efficientnet_lite0(b4_crops, l
     with torch.no_grad():
         feats = ref.extract_features(x)
         logits = ref(x)
+        stages = _reference_stage_outputs(ref, x)
     pooled, tokens = lite0.encode(b4_crops, tokens=True)
-    assert pooled.shape == (3, 1280) and pooled.dtype == np.float32
+    assert lite0.blocks == [1280, 40, 112, 320]  # the output, then the last three stages (levels 3)
+    assert pooled.shape == (3, 1752) and pooled.dtype == np.float32
     assert tokens.shape == (3, 7, 7, 1280)
-    np.testing.assert_allclose(pooled, feats.mean((2, 3)).numpy(), rtol=0, atol=2e-3)
+    np.testing.assert_allclose(pooled[:, :1280], feats.mean((2, 3)).numpy(), rtol=0, atol=2e-3)
+    start = 1280
+    for channels in (40, 112, 320):  # each stage's pooled map, as the reference computes it
+        np.testing.assert_allclose(pooled[:, start:start + channels], stages[channels].mean((2, 3)).numpy(),
+                                   rtol=0, atol=2e-3)
+        start += channels
+    pooled = pooled[:, :1280]
     np.testing.assert_allclose(tokens, feats.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-2)
     # The ImageNet head of the same file on our pooled features gives the reference logits:
     # the weights are the right ones, not just a network of the right shape.
@@ -57,6 +66,26 @@ def test_default_encoder_reproduces_the_reference_efficientnet_lite0(b4_crops, l
     np.testing.assert_allclose(ours.numpy(), logits.numpy(), rtol=0, atol=2e-2)
     # H&E tissue differs between crops: the features are not a constant.
     assert np.abs(pooled[0] - pooled[1]).max() > 0.1
+
+
+def _reference_stage_outputs(ref, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The last block output of each stage of the reference network, by channel count (the
+    reference package's extract_features, stopped along the way)."""
+    x = ref._swish(ref._bn0(ref._conv_stem(x)))
+    out = {}
+    for block in ref._blocks:
+        x = block(x)
+        out[x.shape[1]] = x
+    return out
+
+
+def test_levels_0_gives_the_output_alone_and_old_records_mean_levels_0():
+    plain = load_encoder({"levels": 0}, "cpu")
+    assert plain.blocks == [1280] and plain.dim == 1280
+    old_record = {"settings": {k: v for k, v in plain.record()["settings"].items() if k != "levels"}}
+    assert stored_settings(old_record)["levels"] == 0  # models saved before levels existed
+    with pytest.raises(InputError, match="levels must be >= 0"):
+        encoder_settings({"levels": -1})
 
 
 @needs_her2st
@@ -71,7 +100,7 @@ def test_symmetric_padding_variant_would_not_reproduce_the_reference(b4_crops, l
 def test_views_are_resized_to_the_input_size(b4_crops, lite0):
     small = b4_crops[:, ::2, ::2].copy()  # 112 px
     pooled, tokens = lite0.encode(small, tokens=True)
-    assert pooled.shape == (3, 1280) and tokens.shape == (3, 7, 7, 1280)
+    assert pooled.shape == (3, 1752) and tokens.shape == (3, 7, 7, 1280)
     assert np.corrcoef(pooled.ravel(), lite0.encode(b4_crops).ravel())[0, 1] > 0.8  # same tissue, half the detail
 
 
@@ -134,9 +163,12 @@ def test_user_checkpoint_with_prefix_and_classifier_loads(tmp_path):
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - a._mean) / a._std
     with torch.no_grad():
         want = net.forward_head(net.forward_features(x), pre_logits=True).numpy()
-    np.testing.assert_allclose(a.encode(images), want, atol=1e-5)
-    np.testing.assert_allclose(b.encode(images), want, atol=1e-5)
-    assert a.checksum != b.checksum and a.dim == 512
+    np.testing.assert_allclose(a.encode(images)[:, :512], want, atol=1e-5)
+    np.testing.assert_allclose(b.encode(images), a.encode(images), atol=1e-5)
+    assert a.checksum != b.checksum
+    # levels 3 on a ResNet: layer2-4 pooled beside the output (layer4 is also the output)
+    assert a.blocks == [512, 128, 256, 512] and a.dim == 1408
+    np.testing.assert_allclose(a.encode(images)[:, -512:], want, atol=1e-5)
 
 
 def test_unknown_settings_and_architectures_are_refused():

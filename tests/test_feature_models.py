@@ -94,7 +94,7 @@ def test_trains_on_the_spots_and_validation_draw_of_the_other_kinds(study, embed
     np.testing.assert_array_equal(val.group, val_ds.index[:, 0])
     assert [d.sample for d in data] == ["A", "B"] and views == [0, 1, 2]
     assert record["checksum"] == embedded["encoder"].checksum
-    assert train.x.shape == (len(train), 3, 1280)
+    assert train.x.shape == (len(train), 3, 1752)
 
 
 def test_evaluation_from_bundles_equals_prediction_from_the_cache(study, embedded, ridge_ab, tmp_path):
@@ -118,7 +118,7 @@ def test_view0_probe_uses_view_0_only(study, embedded, tmp_path):
     fit_feature_model("encoder_ridge_v0", study["bundles"], study["expressions"], embedded["files"],
                       study["genes_file"], ["A", "B"], {"train": TRAIN}, tmp_path)
     payload = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert payload["views"] == [0] and payload["state"]["components"].shape[1] == 1280
+    assert payload["views"] == [0] and payload["state"]["components"].shape[1] == 1752
     assert len(payload["genes"]) == N_GENES
 
 
@@ -146,3 +146,32 @@ def test_embeddings_of_another_encoder_config_are_refused(study, embedded, tmp_p
     with pytest.raises(InputError, match="trains on encoder embeddings"):
         fit_model("encoder_ridge", study["bundles"], study["expressions"], study["genes_file"], ["A"], {}, {},
                   tmp_path)
+
+
+def test_probe_weighs_each_feature_block_equally():
+    """The encoder's output and its intermediate stages (Encoder.blocks) are scaled to the same
+    total variance before the PCA: multiplying one block by 1000 changes nothing, whereas without
+    the block sizes the PCA would follow the big block."""
+    rng = np.random.default_rng(0)
+    n = 120
+    x = rng.normal(size=(n, 2, 30)).astype(np.float32)
+    y = (x[:, :, :10].sum(axis=(1, 2), keepdims=False)[:, None] * np.ones((1, 4))
+         + rng.normal(scale=0.5, size=(n, 4))).astype(np.float32)
+    group = np.zeros(n, int)
+    loud = x.copy()
+    loud[..., 10:] *= 1000.0  # the second block in other units
+
+    def fitted(features, blocks):
+        m = EncoderRidge()
+        m.fit(FeatureSet(features[:90], y[:90], group[:90], blocks=blocks),
+              FeatureSet(features[90:], y[90:], group[90:], blocks=blocks))
+        return m
+
+    a, b = fitted(x, (10, 20)), fitted(loud, (10, 20))
+    np.testing.assert_allclose(a.predict(x), b.predict(loud), rtol=1e-4, atol=1e-4)
+    unscaled = fitted(loud, ())
+    assert np.abs(unscaled.predict(loud) - b.predict(loud)).max() > 0.1
+    again = EncoderRidge.from_state(b.state())
+    np.testing.assert_allclose(again.predict(loud), b.predict(loud), atol=1e-5)
+    with pytest.raises(InputError, match="do not add up"):
+        fitted(x, (10, 10))

@@ -44,7 +44,7 @@ def c3_tokens():
 
     views, barcodes, _ = spot_views("C3", N_SPOTS)
     encoder = load_encoder({"input_px": 64}, "cpu")
-    x = np.stack([encoder.encode(v, tokens=True)[1].reshape(N_SPOTS, -1, encoder.dim) for v in views], 1)
+    x = np.stack([encoder.encode(v, tokens=True)[1].reshape(N_SPOTS, -1, encoder.blocks[0]) for v in views], 1)
     counts = pd.read_csv(her2st_files("C3")["counts"], sep="\t", index_col=0)
     panel = (HER2ST / "gene-panels" / "m2ost_250.txt").read_text().split()
     keep = np.isin(barcodes, counts.index)  # a few spots of the selection have no counts row

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 from m2ost.learn.dataset import read_bundle_info
-from m2ost.learn.encoders import Encoder
+from m2ost.learn.encoders import Encoder, stored_settings
 from m2ost.provenance import provenance_json
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,8 @@ def read_embeddings(path: str | os.PathLike, sample: str | None = None, tokens: 
         raise InputError(f"embeddings were computed from another version of the bundle {bundle}; "
                          "rerun the embed stage", file=path, sample=sample)
     if encoder is not None:
-        differ = [k for k in encoder.get("settings", {})
-                  if stored.get("settings", {}).get(k) != encoder["settings"][k]]
+        had = stored_settings(stored) if "settings" in stored else {}
+        differ = [k for k in encoder.get("settings", {}) if had.get(k) != encoder["settings"][k]]
         if encoder.get("checksum") != stored.get("checksum"):
             differ.append("weights file checksum")
         if differ:

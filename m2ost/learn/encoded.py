@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m2ost.errors import InputError
-from m2ost.learn.encoders import Encoder, load_encoder
+from m2ost.learn.encoders import Encoder, load_encoder, stored_settings
 from m2ost.learn.feature_models import FeatureModel
 from m2ost.learn.feature_registry import FEATURE_MODELS
 from m2ost.plan.kinds import FEATURE_KINDS
@@ -67,7 +67,7 @@ def load_encoded(payload: Mapping, device: torch.device) -> EncodedModel:
     """The EncodedModel stored in a ``model.pt`` payload of a feature kind."""
     kind = payload["kind"]
     record = payload["encoder"]
-    encoder = load_encoder(record["settings"], device)
+    encoder = load_encoder(stored_settings(record), device)
     encoder_record_check(encoder, record)
     settings = payload.get("model_cfg", {})
     model = FEATURE_MODELS[kind].from_state(payload["state"], settings.get("model"),

@@ -47,11 +47,12 @@ ENCODER_DEFAULTS = {
     "std": [0.502, 0.502, 0.502],
     "kwargs": {},
     "tta": False,
+    "levels": 3,
     "tokens": False,
     "batch_size": 64,
 }
 # Settings that change what the encoder computes (the rest only how fast / what is stored).
-FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta")
+FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta", "levels")
 # tta: the 8 flips/rotations of the dihedral group as (quarter turns, then a left-right flip).
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
@@ -73,7 +74,15 @@ def encoder_settings(cfg: Mapping | None) -> dict:
             raise InputError(f"encoder {key} needs 3 values (R, G, B), got {out[key]}")
     if min(out["std"]) <= 0:
         raise InputError(f"encoder std must be positive, got {out['std']}")
+    if int(out["levels"]) < 0:
+        raise InputError(f"encoder levels must be >= 0, got {out['levels']}")
     return out
+
+
+def stored_settings(record: Mapping) -> dict:
+    """The encoder settings of a model's or an embeddings file's record; records written before
+    ``levels`` existed pooled the last feature map alone (levels 0)."""
+    return {"levels": 0, **record["settings"]}
 
 
 def default_weights_file() -> Path:
@@ -208,7 +217,14 @@ class Encoder:
     """A frozen pretrained image encoder.
 
     Attributes: ``settings`` (the checked config section), ``weights_file``, ``checksum``
-    (sha256 of the weights file), ``dim`` (pooled feature size), ``device``.
+    (sha256 of the weights file), ``dim`` (pooled feature size), ``blocks`` (the sizes of the
+    pooled features' parts: the encoder's output, then each of its last ``levels`` intermediate
+    stages, average-pooled), ``device``.
+
+    Why intermediate stages: the late stages of an ImageNet network encode object categories,
+    the middle ones textures and cell-scale patterns, which carry more of the expression signal
+    in H&E (on the HER2+ validation spots the three last stages beside the output raised the
+    encoder probe on 5 of 6 splits, docs/benchmarks.md).
     """
 
     def __init__(self, model: torch.nn.Module, settings: dict, weights_file: Path,
@@ -218,14 +234,44 @@ class Encoder:
             p.requires_grad_(False)
         self.settings, self.weights_file, self.checksum = settings, weights_file, checksum
         self.device = device
-        self.dim = int(model.num_features)
         self._mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(settings["std"], device=device).view(1, 3, 1, 1)
+        self.levels = int(settings.get("levels", 0))
+        self.blocks = [int(model.num_features)] + self._level_sizes()
+        self.dim = sum(self.blocks)
+
+    def _level_sizes(self) -> list[int]:
+        """Channels of the last ``levels`` intermediate stages (one small forward pass)."""
+        if not self.levels:
+            return []
+        if not hasattr(self.model, "forward_intermediates"):
+            raise InputError(f"encoder '{self.settings['name']}' has no intermediate features in "
+                             "timm (forward_intermediates); set encoder.levels: 0")
+        size = int(self.settings["input_px"])
+        with torch.inference_mode():
+            x = torch.zeros(1, 3, size, size, device=self.device)
+            try:
+                _, inter = self.model.forward_intermediates(x, indices=self.levels, intermediates_only=False)
+            except (AssertionError, IndexError, ValueError) as err:
+                raise InputError(f"encoder '{self.settings['name']}' cannot give its last {self.levels} "
+                                 f"intermediate stages ({err}); lower encoder.levels") from None
+        return [int(t.shape[1]) for t in inter]
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the encoder's last feature map or tokens, pooled features with the levels') of x."""
+        if not self.levels:
+            feats = self.model.forward_features(x)
+            return feats, self.model.forward_head(feats, pre_logits=True).float()
+        feats, inter = self.model.forward_intermediates(x, indices=self.levels, intermediates_only=False)
+        pooled = [self.model.forward_head(feats, pre_logits=True).float()]
+        # NCHW maps (CNNs, and ViTs by default in timm) or NLC token sequences
+        pooled += [t.float().mean(dim=(2, 3) if t.ndim == 4 else 1) for t in inter]
+        return feats, torch.cat(pooled, dim=1)
 
     def record(self) -> dict:
         """What a model or an embeddings file stores about the encoder (not its weights)."""
         return {"settings": {k: self.settings[k] for k in FEATURE_KEYS}, "checksum": self.checksum,
-                "dim": self.dim}
+                "dim": self.dim, "blocks": list(self.blocks)}
 
     def _prepare(self, images) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
@@ -265,8 +311,7 @@ class Encoder:
             xt = torch.rot90(x, k, dims=(2, 3)) if k else x
             xt = xt.flip(3) if flip else xt
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                feats = self.model.forward_features(xt)
-                p = self.model.forward_head(feats, pre_logits=True).float()
+                feats, p = self._forward(xt)
             pooled = p if pooled is None else pooled + p
             if tokens:
                 g = self._grid(feats).float()

@@ -35,6 +35,7 @@ class FeatureSet:
     y: np.ndarray | None        # (n, G) float32 targets; None for prediction
     group: np.ndarray           # (n,) int: sample number of each spot (per-sample scores)
     grid: tuple[int, int] = (0, 0)  # token grid (h, w) when x holds tokens
+    blocks: tuple[int, ...] = ()    # sizes of the parts of the pooled features' last axis (Encoder.blocks)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -109,13 +110,37 @@ class EncoderRidge(FeatureModel):
         super().__init__(model_cfg, train_cfg)
         self.alpha = None
         self.x_mean = self.components = self.coef = self.intercept = None
+        self.scale = None  # per-feature factor (last axis) making each block's variance 1
+
+    def _flat(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        if self.scale is not None:
+            x = x * self.scale
+        return x.reshape(len(x), -1)
 
     def _project(self, x: np.ndarray) -> np.ndarray:
-        flat = np.asarray(x, np.float64).reshape(len(x), -1)
-        return (flat - self.x_mean) @ self.components.T
+        return (self._flat(x) - self.x_mean) @ self.components.T
+
+    def _fit_scale(self, x: np.ndarray, blocks: tuple[int, ...]) -> None:
+        """Weigh the blocks of the features (the encoder's output and its intermediate stages'
+        pooled maps) equally: each is scaled to a total variance of 1 over the training spots.
+        Otherwise PCA would follow whichever block has the largest activations."""
+        self.scale = None
+        if len(blocks) < 2:
+            return
+        if sum(blocks) != x.shape[-1]:
+            raise InputError(f"feature blocks {list(blocks)} do not add up to the {x.shape[-1]} features")
+        var = np.asarray(x, np.float64).reshape(-1, x.shape[-2], x.shape[-1]).var(axis=0).sum(axis=0)
+        scale, start = np.ones(x.shape[-1]), 0
+        for size in blocks:
+            total = var[start:start + size].sum()
+            scale[start:start + size] = 1.0 / np.sqrt(total) if total > 0 else 1.0
+            start += size
+        self.scale = scale
 
     def fit(self, train: FeatureSet, val: FeatureSet, out_dir=None) -> list[dict]:
-        flat = np.asarray(train.x, np.float64).reshape(len(train), -1)
+        self._fit_scale(train.x, tuple(train.blocks))
+        flat = self._flat(train.x)
         y = np.asarray(train.y, np.float64)
         if len(y) < 2:
             raise InputError(f"{self.kind} needs at least 2 training spots, got {len(y)}")
@@ -165,7 +190,8 @@ class EncoderRidge(FeatureModel):
     def state(self) -> dict:
         t = torch.from_numpy
         return {"alpha": self.alpha, "x_mean": t(self.x_mean), "components": t(self.components.astype(np.float32)),
-                "coef": t(self.coef), "intercept": t(self.intercept)}
+                "coef": t(self.coef), "intercept": t(self.intercept),
+                "scale": None if self.scale is None else t(self.scale)}
 
     @classmethod
     def from_state(cls, state, model_cfg=None, train_cfg=None) -> EncoderRidge:
@@ -174,6 +200,8 @@ class EncoderRidge(FeatureModel):
         m.x_mean = state["x_mean"].numpy()
         m.components = state["components"].numpy().astype(np.float64)
         m.coef, m.intercept = state["coef"].numpy(), state["intercept"].numpy()
+        scale = state.get("scale")  # absent from models of single-block features
+        m.scale = None if scale is None else scale.numpy()
         return m
 
 

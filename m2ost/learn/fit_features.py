@@ -78,8 +78,9 @@ def feature_data(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
             xs[part].append(x[pos])
             ys[part].append(d.targets[pos])
             groups[part].append(np.full(len(pos), k))
+    blocks = () if tokens else tuple(emb.encoder.get("blocks", ()))
     sets = [FeatureSet(np.concatenate(xs[p]), np.concatenate(ys[p]).astype(np.float32),
-                       np.concatenate(groups[p]), grid) for p in ("train", "val")]
+                       np.concatenate(groups[p]), grid, blocks) for p in ("train", "val")]
     return sets[0], sets[1], data, record, views
 
 
