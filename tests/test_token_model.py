@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 import yaml
@@ -160,6 +161,21 @@ def test_fit_reads_only_training_slides_and_scores_from_the_cache_as_from_bundle
     b = anndata.read_h5ad(tmp_path / "b" / "predictions.h5ad")
     np.testing.assert_allclose(a.X, b.X, atol=1e-4)
     assert on_the_fly["mean"]["gene_pcc_mean"] == pytest.approx(cached["mean"]["gene_pcc_mean"], abs=1e-4)
+    # The probe it averages with reads the embeddings' pooled features (output and stages), not
+    # the mean token: prediction needs them, and mixes network and probe by the stored weight.
+    from m2ost.learn.embeddings import read_embeddings
+
+    state = torch.load(out / "model.pt", weights_only=True)["state"]
+    assert state["ridge_input"] == "pooled" and state["ridge"] is not None
+    model = M2OSTEncoder.from_state(state, SMALL)
+    emb = read_embeddings(files["C"], "C", tokens=True)
+    assert emb.pooled.shape[-1] > emb.tokens.shape[-1]  # the stages are in the pooled features
+    model.weight = 0.5
+    both = model.predict(emb.tokens, pooled=emb.pooled)
+    by_hand = 0.5 * model._net_predict(emb.tokens) + 0.5 * model.ridge.predict(emb.pooled)
+    np.testing.assert_allclose(both, by_hand, atol=1e-5)
+    with pytest.raises(InputError, match="pooled features"):
+        model.predict(emb.tokens)
     with pytest.raises(InputError, match="embeddings of sample A, expected C"):  # not its own cache
         evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "c",
                  device="cpu", figures=False, embeddings={"C": files["A"]})

@@ -28,19 +28,22 @@ class EncodedModel:
         self.encoder, self.model, self.grid = encoder, model, tuple(grid)
         self.tokens = FEATURE_KINDS[model.kind].input == "tokens"
 
-    def features(self, images) -> np.ndarray:
-        """Features (B, V, ...) of uint8 views (B, V, H, W, 3), as the embed stage stores them
-        (tokens rounded to float16 like the cache)."""
+    def features(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(the model's input (B, V, ...), pooled features (B, V, D)) of uint8 views
+        (B, V, H, W, 3), as the embed stage stores them (tokens rounded to float16 like the
+        cache); for pooled kinds both are the pooled features."""
         images = torch.as_tensor(images)
-        out = []
+        out, pooled = [], []
         for v in range(images.shape[1]):
             enc = self.encoder.encode(images[:, v], tokens=self.tokens)
             if self.tokens:
-                grid = enc[1]
+                pool, grid = enc
                 out.append(grid.reshape(len(grid), -1, grid.shape[-1]).astype(np.float16))
             else:
+                pool = enc
                 out.append(enc)
-        return np.stack(out, 1)
+            pooled.append(pool)
+        return np.stack(out, 1), np.stack(pooled, 1)
 
     def predict(self, dataset, batch_size: int = 64, workers: int = 0,
                 progress: bool = False) -> np.ndarray:
@@ -48,7 +51,8 @@ class EncodedModel:
         n, preds = len(dataset), []
         for start in tqdm(range(0, n, batch_size), disable=not progress, desc="predict", leave=False):
             images, _, _ = dataset.__getitems__(list(range(start, min(n, start + batch_size))))
-            preds.append(self.model.predict(self.features(images), self.grid))
+            x, pooled = self.features(images)
+            preds.append(self.model.predict(x, self.grid, pooled=pooled))
         return np.concatenate(preds) if preds else np.zeros((0, 0), np.float32)
 
 

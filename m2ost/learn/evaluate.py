@@ -84,8 +84,9 @@ def predict_from_embeddings(predictor: Predictor, data: SampleData, path) -> np.
     tokens = FEATURE_KINDS[predictor.kind].input == "tokens"
     emb = read_embeddings(path, data.sample, tokens=tokens, bundle=data.bundle, rows=data.rows,
                           encoder=predictor.meta["encoder"])
-    x = (emb.tokens if tokens else emb.pooled)[:, predictor.views]
-    return encoded.model.predict(x, tuple(emb.grid))
+    pooled = emb.pooled[:, predictor.views]
+    x = emb.tokens[:, predictor.views] if tokens else pooled
+    return encoded.model.predict(x, tuple(emb.grid), pooled=pooled)
 
 
 def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],

@@ -36,6 +36,7 @@ class FeatureSet:
     group: np.ndarray           # (n,) int: sample number of each spot (per-sample scores)
     grid: tuple[int, int] = (0, 0)  # token grid (h, w) when x holds tokens
     blocks: tuple[int, ...] = ()    # sizes of the parts of the pooled features' last axis (Encoder.blocks)
+    pooled: np.ndarray | None = None  # (n, V, D) pooled features beside tokens (token kinds)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -68,8 +69,10 @@ class FeatureModel:
         ``out_dir``: where a model that trains for long may keep checkpoints to resume from."""
         raise NotImplementedError
 
-    def predict(self, x: np.ndarray, grid: tuple[int, int] = (0, 0)) -> np.ndarray:
-        """(n, G) float32 predictions from features shaped like FeatureSet.x."""
+    def predict(self, x: np.ndarray, grid: tuple[int, int] = (0, 0),
+                pooled: np.ndarray | None = None) -> np.ndarray:
+        """(n, G) float32 predictions from features shaped like FeatureSet.x; ``pooled``: the
+        pooled features of the same spots and views (FeatureSet.pooled), for token kinds."""
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -184,7 +187,7 @@ class EncoderRidge(FeatureModel):
         self.coef, self.intercept = solve(self.alpha), y_mean
         return rows
 
-    def predict(self, x: np.ndarray, grid=(0, 0)) -> np.ndarray:
+    def predict(self, x: np.ndarray, grid=(0, 0), pooled=None) -> np.ndarray:
         return (self._project(x) @ self.coef + self.intercept).astype(np.float32)
 
     def state(self) -> dict:

@@ -57,6 +57,7 @@ def feature_data(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
         raise InputError(f"no usable spots (all padded or none with expression) in {', '.join(empty[:5])}")
     parts = validation_spots({d.sample: len(d) for d in data}, float(cfg["val_fraction"]), int(cfg["seed"]))
     xs = {"train": [], "val": []}
+    pools = {"train": [], "val": []}
     ys = {"train": [], "val": []}
     groups = {"train": [], "val": []}
     record, grid = None, (0, 0)
@@ -76,11 +77,14 @@ def feature_data(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
         x = (emb.tokens if tokens else emb.pooled)[:, views]
         for part, pos in zip(("train", "val"), parts[d.sample]):
             xs[part].append(x[pos])
+            if tokens:
+                pools[part].append(emb.pooled[pos][:, views])
             ys[part].append(d.targets[pos])
             groups[part].append(np.full(len(pos), k))
-    blocks = () if tokens else tuple(emb.encoder.get("blocks", ()))
+    blocks = tuple(emb.encoder.get("blocks", ()))
     sets = [FeatureSet(np.concatenate(xs[p]), np.concatenate(ys[p]).astype(np.float32),
-                       np.concatenate(groups[p]), grid, blocks) for p in ("train", "val")]
+                       np.concatenate(groups[p]), grid, blocks,
+                       np.concatenate(pools[p]) if tokens else None) for p in ("train", "val")]
     return sets[0], sets[1], data, record, views
 
 
