@@ -3,7 +3,8 @@
 ``results/embeddings/{encoder}/{sample}.h5`` (rule ``embed``), per bundle row (bundle order):
 
 ``barcode``   (n,) spot ids, as in the bundle
-``pooled``    (n, V, D) float32, the encoder's pooled features of each view
+``pooled``    (n, V, D) float32, the encoder's pooled features of each view: its output, then its
+              last ``encoder.levels`` intermediate stages (sizes in the encoder record's ``blocks``)
 ``tokens``    (n, V, h*w, C) float16, its token grid (only with ``encoder.tokens``)
 attributes    sample, views (JSON: the bundle's fov_um / size_px), encoder (JSON: settings,
               weights checksum, dim), grid (h, w; 0, 0 without tokens), bundle_digest,
