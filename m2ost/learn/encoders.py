@@ -255,7 +255,7 @@ class Encoder:
             except (AssertionError, IndexError, ValueError) as err:
                 raise InputError(f"encoder '{self.settings['name']}' cannot give its last {self.levels} "
                                  f"intermediate stages ({err}); lower encoder.levels") from None
-        return [int(t.shape[1]) for t in inter]
+        return [int(t.shape[1] if t.ndim == 4 else t.shape[-1]) for t in inter]  # NCHW or NLC
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the encoder's last feature map or tokens, pooled features with the levels') of x."""
