@@ -30,8 +30,9 @@ pytestmark = pytest.mark.slow
 
 CONFIG = yaml.safe_load((REPO / FAST_CONFIG).read_text())
 MODELS = CONFIG["models"]
-NEURAL = [m for m in MODELS if m in ("m2ost", "m2ost_single")]
+NEURAL = [m for m in MODELS if m in ("m2ost", "m2ost_single", "m2ost_finetune")]
 FEATURE = [m for m in MODELS if m.startswith("encoder_")]
+FINETUNED = [m for m in MODELS if m == "m2ost_finetune"]  # builds the encoder itself
 MEMBERS = CONFIG["ensemble"]["members"]  # the ensemble refits when one of them does
 ENCODER = "tf_efficientnet_lite0"  # encoder.name default (schema)
 SPLITS = sorted(CONFIG["splits"]["explicit"])  # s1, s2
@@ -333,11 +334,20 @@ def test_changed_field_of_view_retiles_every_slide_but_keeps_expression(fast_run
 
 
 def test_changed_encoder_reembeds_and_retrains_the_feature_models_only(fast_run, tmp_path):
-    """The embeddings and the models on them follow the encoder's settings; nothing else does."""
+    """The embeddings and the models on them follow the encoder's settings, and so does the
+    model that fine-tunes the encoder; nothing else does. How embeddings are stored (the token
+    grids, the batch size) or pooled (tta) does not touch the fine-tuned model."""
     def change(config):
         config["encoder"]["input_px"] = 96
 
     planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
+    assert_plan(planned, model_jobs(with_ensemble(FEATURE + FINETUNED), SPLITS, predict=False)
+                | embed_jobs(SPLIT_SAMPLES))
+
+    def pooling(config):
+        config["encoder"]["tta"] = True
+
+    planned = dry_run(fast_run.workdir, write_config(tmp_path / "pooling.yaml", pooling))
     assert_plan(planned, model_jobs(with_ensemble(FEATURE), SPLITS, predict=False) | embed_jobs(SPLIT_SAMPLES))
 
 

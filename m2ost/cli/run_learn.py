@@ -16,7 +16,8 @@ from m2ost.learn.predict import predict_bundle, prediction_outputs
 from m2ost.learn.predict import predict_slide as predict_one_slide
 from m2ost.model.info import print_variants
 from m2ost.errors import InputError
-from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS
+from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS, model_kind
+from m2ost.plan.settings import ENCODER_NETWORK_KEYS
 
 log = logging.getLogger("m2ost")
 
@@ -37,8 +38,13 @@ def train(args) -> None:
                           parse_pairs(args.embeddings, "--embeddings"), args.genes, list(expressions), settings,
                           args.out_dir)
         return
+    spec = model_kind(args.kind)
+    model = defaults.merged(spec.config or "model", settings.get("model"))
+    if spec.encoder_weights:  # the encoder's settings in full: they identify the trained network
+        encoder = defaults.merged("encoder", model.get("encoder"))
+        model["encoder"] = {k: encoder[k] for k in ENCODER_NETWORK_KEYS}
     fit_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions, args.genes, list(expressions),
-              defaults.merged("model", settings.get("model")), settings.get("train", {}), args.out_dir)
+              model, settings.get("train", {}), args.out_dir)
 
 
 def embed(args) -> None:

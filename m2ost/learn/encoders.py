@@ -325,16 +325,24 @@ class Encoder:
         return pooled, (grid / n).cpu().numpy()
 
 
-def load_encoder(cfg: Mapping | None = None, device: str | torch.device = "auto") -> Encoder:
-    """Build the encoder of the ``encoder`` config section with its local weights."""
-    settings = encoder_settings(cfg)
+def create_backbone(settings: Mapping, load_weights: bool = True) -> tuple[torch.nn.Module, Path | None]:
+    """The timm network of checked encoder ``settings`` and the weights file it was loaded from
+    (``load_weights=False``: as initialised, for a model whose stored weights replace them)."""
     try:
         model = timm.create_model(settings["name"], pretrained=False, num_classes=0,
                                   **dict(settings["kwargs"]))
     except (RuntimeError, TypeError, ValueError) as err:
         raise InputError(f"encoder '{settings['name']}' cannot be built by timm: "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if not load_weights:
+        return model, None
     path = weights_path(settings)
-    sd = _fit_state_dict(read_state_dict(path), model, path)
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(_fit_state_dict(read_state_dict(path), model, path), strict=False)
+    return model, path
+
+
+def load_encoder(cfg: Mapping | None = None, device: str | torch.device = "auto") -> Encoder:
+    """Build the encoder of the ``encoder`` config section with its local weights."""
+    settings = encoder_settings(cfg)
+    model, path = create_backbone(settings)
     return Encoder(model, settings, path, file_checksum(path), resolve_device(device))

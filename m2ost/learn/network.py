@@ -10,13 +10,19 @@ import numpy as np
 import torch
 
 from m2ost.errors import InputError
+from m2ost.learn.finetune import build_finetune_network, is_finetune_config
 from m2ost.model import build_model
 
 log = logging.getLogger(__name__)
 
 
-def build_network(model_cfg: Mapping, n_genes: int, n_views: int, img_size: int) -> torch.nn.Module:
-    """The network of ``model_cfg`` (see :func:`m2ost.model.build_model`); a bad setting is an InputError."""
+def build_network(model_cfg: Mapping, n_genes: int, n_views: int, img_size: int,
+                  pretrained: bool = True) -> torch.nn.Module:
+    """The network of ``model_cfg``: M2OST (see :func:`m2ost.model.build_model`), or the
+    encoder-fed M2OST of ``m2ost_finetune`` (:mod:`m2ost.learn.finetune`; ``pretrained``: load
+    its encoder's weights file). A bad setting is an InputError."""
+    if is_finetune_config(model_cfg):
+        return build_finetune_network(model_cfg, n_genes, n_views, pretrained)
     try:
         return build_model(dict(model_cfg), n_genes, n_views, img_size)
     except (ValueError, KeyError) as err:
@@ -39,16 +45,27 @@ def lr_lambda(cfg: Mapping, steps_per_epoch: int):
     return f
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and [cls] tokens (ViT practice)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and [cls] tokens (ViT practice).
+
+    A pretrained encoder inside the network (``backbone.*``) learns at ``encoder_lr_scale``
+    times ``lr``; its groups come last, so group 0 carries the rate the log reports."""
+    scale = float(getattr(model, "encoder_lr_scale", 1.0))
+    found: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or any(k in name for k in ("pos_emb", "cls", "mask_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or any(k in name for k in ("pos_emb", "cls", "mask_token"))
+        encoder = name.startswith("backbone.") and scale != 1.0
+        found.setdefault((encoder, no_decay), []).append(p)
+    groups = []
+    for encoder in (False, True):
+        for no_decay in (False, True):
+            params = found.get((encoder, no_decay), [])
+            if params or not encoder:
+                groups.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+                               "lr": lr * scale if encoder else lr})
+    return groups
 
 
 def init_head_bias(model: torch.nn.Module, mean: np.ndarray) -> None:

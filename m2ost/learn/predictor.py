@@ -98,7 +98,7 @@ def predictor_from_payload(payload: dict, device: str | torch.device = "auto", p
         impl = load_encoded(payload, dev)
     else:
         impl = build_network(payload["model_cfg"], len(payload["genes"]), len(payload["views"]),
-                      payload["img_size"])
+                             payload["img_size"], pretrained=False)  # every weight is in the payload
         impl.load_state_dict(payload["state_dict"])
         impl.to(dev).eval()
     return Predictor(meta, impl, dev)

@@ -30,7 +30,6 @@ M2OST_ENCODER_DEFAULTS = {
     **{k: v for k, v in FIT_DEFAULTS.items() if k != "seed"},
     "token_pca": 0,
     "blend_ridge": True,
-    "finetune_blocks": 0,
 }
 BLEND_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 
@@ -38,14 +37,13 @@ BLEND_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 def m2ost_encoder_settings(cfg: Mapping | None) -> dict:
     """``cfg`` over :data:`M2OST_ENCODER_DEFAULTS`, checked; unknown keys are an error."""
     out = json.loads(json.dumps(M2OST_ENCODER_DEFAULTS))
+    if "finetune_blocks" in (cfg or {}):  # the cached tokens are the frozen encoder's
+        raise InputError("m2ost_encoder trains on the frozen encoder's cached tokens; fine-tuning the "
+                         "encoder is the model kind m2ost_finetune (its section: m2ost_finetune.finetune_blocks)")
     unknown = sorted(set(cfg or {}) - set(out))
     if unknown:
         raise InputError(f"unknown m2ost_encoder settings: {', '.join(unknown)}")
     out.update(cfg or {})
-    if int(out["finetune_blocks"]) > 0:
-        # the cached tokens are the frozen encoder's; fine-tuning trains on images (GPU)
-        raise InputError("m2ost_encoder.finetune_blocks > 0 needs images, not cached tokens: "
-                         "the workflow trains m2ost_encoder on cached tokens only (set it to 0)")
     return out
 
 

@@ -200,7 +200,7 @@ def _setup(ranks: Ranks, bundles, expressions, genes_file, train_samples, model_
                                  shuffle=True, seed=seed, drop_last=False)
     loader = make_loader(train_ds, batch // ranks.world, int(cfg["workers"]), pin_memory(device),
                          sampler=sampler)
-    optimizer = torch.optim.AdamW(param_groups(model, float(cfg["weight_decay"])),
+    optimizer = torch.optim.AdamW(param_groups(model, float(cfg["weight_decay"]), float(cfg["lr"])),
                                   lr=float(cfg["lr"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
     net = model

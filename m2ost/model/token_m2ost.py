@@ -129,33 +129,61 @@ def unfreeze_last_blocks(backbone: nn.Module, n_blocks: int) -> list[str]:
 
 
 class EncoderTokenM2OST(nn.Module):
-    """An image encoder, partly fine-tuned, feeding :class:`TokenM2OST` (GPU training).
+    """An image encoder, partly fine-tuned, feeding :class:`TokenM2OST`.
 
     ``backbone.forward_features`` (the timm convention) maps normalised images (B, 3, H, W) to a
     feature map, (B, C, h, w) for CNNs or (B, n_prefix + h*w, C) for ViTs (``n_prefix`` leading
     [cls]/register tokens are dropped). The frozen part runs without gradients.
+
+    The views arrive normalised for the M2OST networks (``in_mean``/``in_std``, m2ost.learn.augment);
+    they are renormalised for the encoder (``enc_mean``/``enc_std``, its own statistics) and resized
+    to its ``input_px``, as the embed stage prepares them, so the untrained network sees exactly
+    the tokens the frozen encoder caches. The backbone's batch norms keep their pretrained
+    statistics (eval mode) in training too: batches of a few dozen spots from a few slides would
+    give noisy ones, and the frozen stages must not drift; the affine weights of the unfrozen
+    stages still train.
     """
 
     def __init__(self, backbone: nn.Module, head: TokenM2OST, finetune_blocks: int = 0,
-                 n_prefix_tokens: int = 0):
+                 n_prefix_tokens: int = 0, input_px: int | None = None,
+                 in_mean=(0.0, 0.0, 0.0), in_std=(1.0, 1.0, 1.0),
+                 enc_mean=(0.0, 0.0, 0.0), enc_std=(1.0, 1.0, 1.0)):
         super().__init__()
         self.backbone, self.net = backbone, head
-        self.n_prefix_tokens = n_prefix_tokens
+        self.n_prefix_tokens, self.input_px = n_prefix_tokens, input_px
         self.trainable = unfreeze_last_blocks(backbone, finetune_blocks)
-        if not self.trainable:
-            backbone.eval()
+        # x_encoder = (x * in_std + in_mean - enc_mean) / enc_std, per channel
+        scale = torch.tensor(in_std, dtype=torch.float32) / torch.tensor(enc_std, dtype=torch.float32)
+        shift = (torch.tensor(in_mean, dtype=torch.float32) - torch.tensor(enc_mean, dtype=torch.float32)) \
+            / torch.tensor(enc_std, dtype=torch.float32)
+        self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", shift.view(1, 3, 1, 1), persistent=False)
+        backbone.eval()
+
+    @property
+    def head(self) -> nn.Linear:
+        """The output layer (the trainer starts its bias at the mean expression)."""
+        return self.net.head
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not self.trainable:  # a frozen encoder keeps its batch-norm statistics
-            self.backbone.eval()
+        self.backbone.eval()  # pretrained batch-norm statistics (class docstring)
         return self
+
+    def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
+        """(B*V, 3, H, W) views as normalised for M2OST -> the encoder's input."""
+        x = images * self.in_scale + self.in_shift
+        size = self.input_px
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False)
+        return x
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, V, 3, H, W) -> (B, V, N, C)."""
         b, v = images.shape[:2]
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.trainable)):
-            f = self.backbone.forward_features(images.flatten(0, 1))
+            f = self.backbone.forward_features(self.encoder_input(images.flatten(0, 1)))
         if f.ndim == 4:  # CNN: (BV, C, h, w)
             f = f.flatten(2).transpose(1, 2)
         else:            # ViT: (BV, prefix + N, C)

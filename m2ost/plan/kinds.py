@@ -8,7 +8,7 @@ may hold).
 Four families:
 
 - ``neural``: trained by the network loop on the bundles' views (``m2ost.learn.trainer``: torch,
-  GPUs, the distributed launcher, the ``model`` settings).
+  GPUs, the distributed launcher, the ``model`` settings or those of its own section).
 - ``baseline``: fitted in one pass on the bundles' views (``m2ost.learn.baselines.BASELINES``).
 - ``feature``: fitted on the cached pretrained-encoder embeddings of the training samples (rule
   ``embed``; ``m2ost.learn.feature_models.FEATURE_MODELS``), evaluated and used for prediction
@@ -46,8 +46,11 @@ class ModelKind:
     ``family``: ``neural``, ``baseline``, ``feature`` or ``ensemble`` (module docstring).
     ``train_keys``: the ``train`` settings it uses (None = all of them).
     ``views``: the views it always uses (None = every view of the bundle).
-    ``input``, ``config``: for feature kinds, what they read from the embeddings and the config
-    section holding their model settings (None: none).
+    ``input``: for feature kinds, what they read from the embeddings.
+    ``config``: the config section holding its model settings (None: ``model`` for the neural
+    kinds, none for the others).
+    ``encoder_weights``: builds the pretrained encoder itself from its weights file (the
+    ``encoder`` settings join its model settings).
     """
 
     name: str
@@ -57,6 +60,7 @@ class ModelKind:
     views: tuple[int, ...] | None = None
     input: str | None = None
     config: str | None = None
+    encoder_weights: bool = False
 
     @property
     def neural(self) -> bool:
@@ -75,6 +79,9 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
               train_keys=FEATURE_TRAIN_KEYS, input="pooled"),
     ModelKind("m2ost_encoder", "feature", "M2OST over the encoder's token grids of the views (deformable: coarser "
               "views also carry the finer views' tokens)", input="tokens", config="m2ost_encoder"),
+    ModelKind("m2ost_finetune", "neural", "M2OST over the encoder's token grids as m2ost_encoder, the encoder running "
+              "on the views and its last stages fine-tuned (a GPU job)", config="m2ost_finetune",
+              encoder_weights=True),
     ModelKind(ENSEMBLE, "ensemble", "weighted average of the models in ensemble.members, the weights chosen on "
               "the validation spots", train_keys=ENSEMBLE_TRAIN_KEYS, config="ensemble"),
 )}

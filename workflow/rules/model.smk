@@ -29,6 +29,7 @@ rule train:
         bundles=lambda w: bundle_files(split_samples(w.split)[0]),
         expression=lambda w: expression_files(split_samples(w.split)[0]),
         embeddings=train_embeddings,
+        weights=train_weights,
         genes=outputs.PANEL,
         members=lambda w: list(member_models(w).values()),
     output:
