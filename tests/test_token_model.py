@@ -36,6 +36,8 @@ def test_defaults_agree_with_the_config_schema():
         m2ost_encoder_settings({"depht": 3})
     with pytest.raises(InputError, match="finetune_blocks"):
         m2ost_encoder_settings({"finetune_blocks": 2})
+    # models saved before m2ost_finetune existed record finetune_blocks 0: they still load
+    assert m2ost_encoder_settings({"finetune_blocks": 0, "depth": 3}) == {**M2OST_ENCODER_DEFAULTS, "depth": 3}
 
 
 @pytest.fixture(scope="module")

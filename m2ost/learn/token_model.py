@@ -37,13 +37,15 @@ BLEND_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 def m2ost_encoder_settings(cfg: Mapping | None) -> dict:
     """``cfg`` over :data:`M2OST_ENCODER_DEFAULTS`, checked; unknown keys are an error."""
     out = json.loads(json.dumps(M2OST_ENCODER_DEFAULTS))
-    if "finetune_blocks" in (cfg or {}):  # the cached tokens are the frozen encoder's
+    cfg = dict(cfg or {})
+    # models saved before m2ost_finetune existed record finetune_blocks 0 (a frozen encoder)
+    if int(cfg.pop("finetune_blocks", 0)) > 0:  # the cached tokens are the frozen encoder's
         raise InputError("m2ost_encoder trains on the frozen encoder's cached tokens; fine-tuning the "
                          "encoder is the model kind m2ost_finetune (its section: m2ost_finetune.finetune_blocks)")
-    unknown = sorted(set(cfg or {}) - set(out))
+    unknown = sorted(set(cfg) - set(out))
     if unknown:
         raise InputError(f"unknown m2ost_encoder settings: {', '.join(unknown)}")
-    out.update(cfg or {})
+    out.update(cfg)
     return out
 
 
