@@ -165,6 +165,7 @@ class _Run:
     model_fp: str
     run_parts: dict
     state: dict
+    gene_weights: torch.Tensor | None = None  # per-gene loss weights (standardize_targets)
 
     @property
     def last_file(self) -> Path:
@@ -188,8 +189,9 @@ def _setup(ranks: Ranks, bundles, expressions, genes_file, train_samples, model_
     fov = [info["fov_um"][v] for v in views]
     img_size = train_ds.image_size
     model = build_network(model_cfg, len(genes), len(views), img_size)
+    targets = train_ds.targets()
     if cfg["init_head_bias"]:
-        init_head_bias(model, train_ds.targets().mean(axis=0))
+        init_head_bias(model, targets.mean(axis=0))
     model = model.to(device)
     model_fp = model_fingerprint(kind, model_cfg, genes, views, img_size, fov)
 
@@ -217,7 +219,8 @@ def _setup(ranks: Ranks, bundles, expressions, genes_file, train_samples, model_
                 train_samples=train_samples, genes=genes, views=views, img_size=img_size, fov=fov,
                 train_ds=train_ds, val_ds=val_ds, model=model, net=net, sampler=sampler,
                 loader=loader, optimizer=optimizer, scheduler=scheduler, model_fp=model_fp,
-                run_parts=run_parts(model_fp, train_samples, cfg), state=state)
+                run_parts=run_parts(model_fp, train_samples, cfg), state=state,
+                gene_weights=gene_weights(targets, device) if cfg["standardize_targets"] else None)
 
 
 def _resume(run: _Run) -> None:
@@ -304,7 +307,7 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
         target = target.to(device, non_blocking=True)
         with autocast(device):
             pred = run.net(x)
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss = _loss(pred.float(), target, run.gene_weights)
         pending.append((loss.detach(), len(target)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -318,6 +321,21 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
             pending = []
             bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.4f}")
     return totals[0] / max(totals[1], 1), lr
+
+
+def gene_weights(targets: np.ndarray, device: torch.device) -> torch.Tensor:
+    """1 / variance of each gene over the training spots: the squared error of a prediction in
+    units of the gene's spread, so every gene weighs alike in the loss (the per-gene Pearson
+    scores them alike); a near-constant gene is capped at the weight of a spread of 0.05."""
+    std = np.maximum(np.asarray(targets, np.float64).std(axis=0), 0.05)
+    return torch.as_tensor(1.0 / std**2, dtype=torch.float32, device=device)
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error, each gene's weighted by ``weights`` when given."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    return ((pred - target).square() * weights).mean()
 
 
 def _read_losses(run: _Run, pending: list, epoch: int, last_step: int, steps: int,
