@@ -158,18 +158,3 @@ def test_a_weights_file_that_is_missing_is_one_clear_error(tmp_path):
     with pytest.raises(InputError, match="encoder weights file not found"):
         build_finetune_network({**FAST, "encoder": {**ENCODER, "weights": str(tmp_path / "uni.pth")}}, 5, 3)
 
-
-def test_standardized_targets_weigh_every_gene_alike():
-    """train.standardize_targets: each gene's squared error in units of its training spread."""
-    from m2ost.learn.trainer import _loss, gene_weights
-
-    rng = np.random.default_rng(0)
-    y = np.stack([rng.normal(5, 1, 400), rng.normal(5, 10, 400), np.full(400, 2.0)], 1)
-    w = gene_weights(y, torch.device("cpu")).numpy()
-    std = y.std(0)
-    np.testing.assert_allclose(w[:2], 1 / std[:2] ** 2, rtol=1e-6)
-    assert w[2] == pytest.approx(1 / 0.05**2)  # a constant gene is capped, not infinite
-    pred, target = torch.randn(8, 3), torch.randn(8, 3)
-    z = ((pred - target) / torch.as_tensor(np.maximum(std, 0.05), dtype=torch.float32)).square().mean()
-    assert float(_loss(pred, target, torch.as_tensor(w))) == pytest.approx(float(z), rel=1e-5)
-    assert float(_loss(pred, target, None)) == pytest.approx(float((pred - target).square().mean()), rel=1e-6)

@@ -25,6 +25,7 @@ from m2ost.learn.baselines import BASELINES
 from m2ost.learn.checkpoints import LOG_COLUMNS, read_log
 from m2ost.learn.device import resolve_device
 from m2ost.learn.fit import fit_model
+from m2ost.learn.network import gene_loss_weights, training_loss
 from m2ost.learn.predictor import load_model
 from m2ost.learn.trainer import train
 
@@ -294,3 +295,17 @@ def test_best_epoch_is_chosen_on_validation_and_patience_stops(study, tmp_path, 
     assert all(torch.equal(weights[k], best["model"][k]) for k in weights)
     assert not all(torch.equal(weights[k], last["model"][k]) for k in weights)
     assert [r["val_gene_pcc"] for r in read_log(tmp_path / "log.csv")] == [0.5, 0.1, 0.05]
+
+
+def test_standardized_targets_weigh_every_gene_alike():
+    """train.standardize_targets: each gene's squared error in units of its training spread."""
+    rng = np.random.default_rng(0)
+    y = np.stack([rng.normal(5, 1, 400), rng.normal(5, 10, 400), np.full(400, 2.0)], 1)
+    w = gene_loss_weights(y, torch.device("cpu")).numpy()
+    std = y.std(0)
+    np.testing.assert_allclose(w[:2], 1 / std[:2] ** 2, rtol=1e-6)
+    assert w[2] == pytest.approx(1 / 0.05**2)  # a constant gene is capped, not infinite
+    pred, target = torch.randn(8, 3), torch.randn(8, 3)
+    z = ((pred - target) / torch.as_tensor(np.maximum(std, 0.05), dtype=torch.float32)).square().mean()
+    assert float(training_loss(pred, target, torch.as_tensor(w))) == pytest.approx(float(z), rel=1e-5)
+    assert float(training_loss(pred, target, None)) == pytest.approx(float((pred - target).square().mean()), rel=1e-6)

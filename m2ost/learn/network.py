@@ -82,3 +82,18 @@ def init_head_bias(model: torch.nn.Module, mean: np.ndarray) -> None:
     else:
         log.warning("init_head_bias: the model has no linear 'head' with %d outputs; "
                     "output bias left as initialised", len(mean))
+
+
+def gene_loss_weights(targets: np.ndarray, device: torch.device) -> torch.Tensor:
+    """1 / variance of each gene over the training spots: the squared error of a prediction in
+    units of the gene's spread, so every gene weighs alike in the loss (the per-gene Pearson
+    scores them alike); a near-constant gene is capped at the weight of a spread of 0.05."""
+    std = np.maximum(np.asarray(targets, np.float64).std(axis=0), 0.05)
+    return torch.as_tensor(1.0 / std**2, dtype=torch.float32, device=device)
+
+
+def training_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error, each gene's weighted by ``weights`` when given."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    return ((pred - target).square() * weights).mean()

@@ -45,7 +45,8 @@ from m2ost.learn.checkpoints import load_checkpoint, model_payload, save_checkpo
 from m2ost.learn.device import autocast, derive_seed, pin_memory, rng_state, seed_everything, set_rng_state
 from m2ost.learn.distributed import Ranks
 from m2ost.learn.loader import SpotDataset, make_loader
-from m2ost.learn.network import build_network, init_head_bias, lr_lambda, param_groups
+from m2ost.learn.network import (build_network, gene_loss_weights, init_head_bias, lr_lambda, param_groups,
+                                 training_loss)
 from m2ost.learn.predictor import predict_network
 from m2ost.learn.settings import model_fingerprint, run_parts, train_settings
 from m2ost.learn.validation import training_data
@@ -220,7 +221,7 @@ def _setup(ranks: Ranks, bundles, expressions, genes_file, train_samples, model_
                 train_ds=train_ds, val_ds=val_ds, model=model, net=net, sampler=sampler,
                 loader=loader, optimizer=optimizer, scheduler=scheduler, model_fp=model_fp,
                 run_parts=run_parts(model_fp, train_samples, cfg), state=state,
-                gene_weights=gene_weights(targets, device) if cfg["standardize_targets"] else None)
+                gene_weights=gene_loss_weights(targets, device) if cfg["standardize_targets"] else None)
 
 
 def _resume(run: _Run) -> None:
@@ -307,7 +308,7 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
         target = target.to(device, non_blocking=True)
         with autocast(device):
             pred = run.net(x)
-        loss = _loss(pred.float(), target, run.gene_weights)
+        loss = training_loss(pred.float(), target, run.gene_weights)
         pending.append((loss.detach(), len(target)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -321,21 +322,6 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, float]:
             pending = []
             bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.4f}")
     return totals[0] / max(totals[1], 1), lr
-
-
-def gene_weights(targets: np.ndarray, device: torch.device) -> torch.Tensor:
-    """1 / variance of each gene over the training spots: the squared error of a prediction in
-    units of the gene's spread, so every gene weighs alike in the loss (the per-gene Pearson
-    scores them alike); a near-constant gene is capped at the weight of a spread of 0.05."""
-    std = np.maximum(np.asarray(targets, np.float64).std(axis=0), 0.05)
-    return torch.as_tensor(1.0 / std**2, dtype=torch.float32, device=device)
-
-
-def _loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error, each gene's weighted by ``weights`` when given."""
-    if weights is None:
-        return torch.nn.functional.mse_loss(pred, target)
-    return ((pred - target).square() * weights).mean()
 
 
 def _read_losses(run: _Run, pending: list, epoch: int, last_step: int, steps: int,
