@@ -68,8 +68,8 @@ def build_finetune_network(model_cfg: Mapping, n_genes: int, n_views: int,
         head = TokenM2OST(n_genes, n_views, int(n_tokens), int(in_dim),
                           **{k: settings[k] for k in NETWORK_KEYS})
         net = EncoderTokenM2OST(backbone, head, int(settings["finetune_blocks"]), prefix, px,
-                                IMAGENET_MEAN, IMAGENET_STD, enc["mean"], enc["std"])
+                                IMAGENET_MEAN, IMAGENET_STD, enc["mean"], enc["std"],
+                                float(settings["encoder_lr_scale"]))
     except ValueError as err:
         raise InputError(f"{SECTION} configuration rejected: {err}") from None
-    net.encoder_lr_scale = float(settings["encoder_lr_scale"])
     return net

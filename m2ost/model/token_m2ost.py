@@ -147,9 +147,10 @@ class EncoderTokenM2OST(nn.Module):
     def __init__(self, backbone: nn.Module, head: TokenM2OST, finetune_blocks: int = 0,
                  n_prefix_tokens: int = 0, input_px: int | None = None,
                  in_mean=(0.0, 0.0, 0.0), in_std=(1.0, 1.0, 1.0),
-                 enc_mean=(0.0, 0.0, 0.0), enc_std=(1.0, 1.0, 1.0)):
+                 enc_mean=(0.0, 0.0, 0.0), enc_std=(1.0, 1.0, 1.0), encoder_lr_scale: float = 1.0):
         super().__init__()
         self.backbone, self.net = backbone, head
+        self.encoder_lr_scale = encoder_lr_scale  # the optimiser's rate for the backbone (m2ost.learn.network)
         self.n_prefix_tokens, self.input_px = n_prefix_tokens, input_px
         self.trainable = unfreeze_last_blocks(backbone, finetune_blocks)
         # x_encoder = (x * in_std + in_mean - enc_mean) / enc_std, per channel
