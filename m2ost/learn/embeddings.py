@@ -5,7 +5,9 @@
 ``barcode``   (n,) spot ids, as in the bundle
 ``pooled``    (n, V, D) float32, the encoder's pooled features of each view: its output, then its
               last ``encoder.levels`` intermediate stages (sizes in the encoder record's ``blocks``)
-``tokens``    (n, V, h*w, C) float16, its token grid (only with ``encoder.tokens``)
+``tokens``    (n, V, h*w, C) float16, its token grid (only with ``encoder.tokens``): the output's
+              channels, then the last ``encoder.token_levels`` stages' maps pooled to its grid
+              (sizes in the encoder record's ``token_blocks``)
 attributes    sample, views (JSON: the bundle's fov_um / size_px), encoder (JSON: settings,
               weights checksum, dim), grid (h, w; 0, 0 without tokens), bundle_digest,
               format_version, provenance (JSON)

@@ -48,11 +48,12 @@ ENCODER_DEFAULTS = {
     "kwargs": {},
     "tta": False,
     "levels": 3,
+    "token_levels": 0,
     "tokens": False,
     "batch_size": 64,
 }
 # Settings that change what the encoder computes (the rest only how fast / what is stored).
-FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta", "levels")
+FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta", "levels", "token_levels")
 # tta: the 8 flips/rotations of the dihedral group as (quarter turns, then a left-right flip).
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
@@ -74,15 +75,16 @@ def encoder_settings(cfg: Mapping | None) -> dict:
             raise InputError(f"encoder {key} needs 3 values (R, G, B), got {out[key]}")
     if min(out["std"]) <= 0:
         raise InputError(f"encoder std must be positive, got {out['std']}")
-    if int(out["levels"]) < 0:
-        raise InputError(f"encoder levels must be >= 0, got {out['levels']}")
+    for key in ("levels", "token_levels"):
+        if int(out[key]) < 0:
+            raise InputError(f"encoder {key} must be >= 0, got {out[key]}")
     return out
 
 
 def stored_settings(record: Mapping) -> dict:
     """The encoder settings of a model's or an embeddings file's record; records written before
-    ``levels`` existed pooled the last feature map alone (levels 0)."""
-    return {"levels": 0, **record["settings"]}
+    ``levels`` / ``token_levels`` existed used the last feature map alone (0)."""
+    return {"levels": 0, "token_levels": 0, **record["settings"]}
 
 
 def default_weights_file() -> Path:
@@ -219,7 +221,9 @@ class Encoder:
     Attributes: ``settings`` (the checked config section), ``weights_file``, ``checksum``
     (sha256 of the weights file), ``dim`` (pooled feature size), ``blocks`` (the sizes of the
     pooled features' parts: the encoder's output, then each of its last ``levels`` intermediate
-    stages, average-pooled), ``device``.
+    stages, average-pooled), ``token_blocks`` (the same for the channels of each token of the
+    grid: the output, then the last ``token_levels`` stages, each stage's map average-pooled to
+    the output's grid), ``device``.
 
     Why intermediate stages: the late stages of an ImageNet network encode object categories,
     the middle ones textures and cell-scale patterns, which carry more of the expression signal
@@ -237,41 +241,48 @@ class Encoder:
         self._mean = torch.tensor(settings["mean"], device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(settings["std"], device=device).view(1, 3, 1, 1)
         self.levels = int(settings.get("levels", 0))
-        self.blocks = [int(model.num_features)] + self._level_sizes()
+        self.token_levels = int(settings.get("token_levels", 0))
+        self.n_inter = max(self.levels, self.token_levels)  # intermediate stages computed
+        sizes = self._level_sizes()
+        self.blocks = [int(model.num_features)] + sizes[self.n_inter - self.levels:]
+        self.token_blocks = [int(model.num_features)] + sizes[self.n_inter - self.token_levels:]
         self.dim = sum(self.blocks)
 
     def _level_sizes(self) -> list[int]:
-        """Channels of the last ``levels`` intermediate stages (one small forward pass)."""
-        if not self.levels:
+        """Channels of the last ``n_inter`` intermediate stages (one small forward pass)."""
+        if not self.n_inter:
             return []
         if not hasattr(self.model, "forward_intermediates"):
             raise InputError(f"encoder '{self.settings['name']}' has no intermediate features in "
-                             "timm (forward_intermediates); set encoder.levels: 0")
+                             "timm (forward_intermediates); set encoder.levels and encoder.token_levels to 0")
         size = int(self.settings["input_px"])
         with torch.inference_mode():
             x = torch.zeros(1, 3, size, size, device=self.device)
             try:
-                _, inter = self.model.forward_intermediates(x, indices=self.levels, intermediates_only=False)
+                _, inter = self.model.forward_intermediates(x, indices=self.n_inter, intermediates_only=False)
             except (AssertionError, IndexError, ValueError) as err:
-                raise InputError(f"encoder '{self.settings['name']}' cannot give its last {self.levels} "
-                                 f"intermediate stages ({err}); lower encoder.levels") from None
+                raise InputError(f"encoder '{self.settings['name']}' cannot give its last {self.n_inter} "
+                                 f"intermediate stages ({err}); lower encoder.levels / "
+                                 "encoder.token_levels") from None
         return [int(t.shape[1] if t.ndim == 4 else t.shape[-1]) for t in inter]  # NCHW or NLC
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the encoder's last feature map or tokens, pooled features with the levels') of x."""
-        if not self.levels:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(the encoder's last feature map or tokens, pooled features with the levels', the last
+        ``token_levels`` intermediate maps) of x."""
+        if not self.n_inter:
             feats = self.model.forward_features(x)
-            return feats, self.model.forward_head(feats, pre_logits=True).float()
-        feats, inter = self.model.forward_intermediates(x, indices=self.levels, intermediates_only=False)
+            return feats, self.model.forward_head(feats, pre_logits=True).float(), []
+        feats, inter = self.model.forward_intermediates(x, indices=self.n_inter, intermediates_only=False)
         pooled = [self.model.forward_head(feats, pre_logits=True).float()]
         # NCHW maps (CNNs, and ViTs by default in timm) or NLC token sequences
-        pooled += [t.float().mean(dim=(2, 3) if t.ndim == 4 else 1) for t in inter]
-        return feats, torch.cat(pooled, dim=1)
+        pooled += [t.float().mean(dim=(2, 3) if t.ndim == 4 else 1)
+                   for t in inter[self.n_inter - self.levels:]]
+        return feats, torch.cat(pooled, dim=1), inter[self.n_inter - self.token_levels:]
 
     def record(self) -> dict:
         """What a model or an embeddings file stores about the encoder (not its weights)."""
         return {"settings": {k: self.settings[k] for k in FEATURE_KEYS}, "checksum": self.checksum,
-                "dim": self.dim, "blocks": list(self.blocks)}
+                "dim": self.dim, "blocks": list(self.blocks), "token_blocks": list(self.token_blocks)}
 
     def _prepare(self, images) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
@@ -284,11 +295,25 @@ class Encoder:
                                                 antialias=True, align_corners=False)
         return (x - self._mean) / self._std
 
-    def _grid(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, C) token grid of a feature map (CNN) or token sequence (ViT)."""
+    def _grid(self, feats: torch.Tensor, stages: list[torch.Tensor] = ()) -> torch.Tensor:
+        """(B, h, w, C) token grid of a feature map (CNN) or token sequence (ViT), with the maps
+        of ``stages`` average-pooled to its grid and appended to every token's channels: a token
+        then carries its area's texture and cell-scale patterns beside the output's features
+        (on HER2+ validation spots, higher on 3 of 3 splits, docs/benchmarks.md)."""
+        grid = self._as_grid(feats, skip=int(getattr(self.model, "num_prefix_tokens", 0)))
+        if not stages:
+            return grid
+        hw = grid.shape[1:3]
+        parts = [grid.float()]
+        for t in stages:  # forward_intermediates gives NCHW maps, or NLC without prefix tokens
+            m = t.float() if t.ndim == 4 else self._as_grid(t.float(), 0).permute(0, 3, 1, 2)
+            parts.append(torch.nn.functional.adaptive_avg_pool2d(m, hw).permute(0, 2, 3, 1))
+        return torch.cat(parts, dim=-1)
+
+    def _as_grid(self, feats: torch.Tensor, skip: int) -> torch.Tensor:
+        """(B, h, w, C) of an NCHW map, or of an NLC sequence after its ``skip`` prefix tokens."""
         if feats.ndim == 4:
             return feats.permute(0, 2, 3, 1)
-        skip = int(getattr(self.model, "num_prefix_tokens", 0))
         t = feats[:, skip:]
         side = round(t.shape[1] ** 0.5)
         if side * side != t.shape[1]:
@@ -311,10 +336,10 @@ class Encoder:
             xt = torch.rot90(x, k, dims=(2, 3)) if k else x
             xt = xt.flip(3) if flip else xt
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                feats, p = self._forward(xt)
+                feats, p, stages = self._forward(xt)
             pooled = p if pooled is None else pooled + p
             if tokens:
-                g = self._grid(feats).float()
+                g = self._grid(feats, stages).float()
                 g = g.flip(2) if flip else g  # undo the flip, then the turn: the grid of x
                 g = torch.rot90(g, -k, dims=(1, 2)) if k else g
                 grid = g if grid is None else grid + g

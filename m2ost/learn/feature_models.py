@@ -37,6 +37,7 @@ class FeatureSet:
     grid: tuple[int, int] = (0, 0)  # token grid (h, w) when x holds tokens
     blocks: tuple[int, ...] = ()    # sizes of the parts of the pooled features' last axis (Encoder.blocks)
     pooled: np.ndarray | None = None  # (n, V, D) pooled features beside tokens (token kinds)
+    token_blocks: tuple[int, ...] = ()  # sizes of the parts of the tokens' channels (Encoder.token_blocks)
 
     def __len__(self) -> int:
         return len(self.x)

@@ -82,9 +82,10 @@ def feature_data(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
             ys[part].append(d.targets[pos])
             groups[part].append(np.full(len(pos), k))
     blocks = tuple(emb.encoder.get("blocks", ()))
+    token_blocks = tuple(emb.encoder.get("token_blocks", ())) if tokens else ()
     sets = [FeatureSet(np.concatenate(xs[p]), np.concatenate(ys[p]).astype(np.float32),
                        np.concatenate(groups[p]), grid, blocks,
-                       np.concatenate(pools[p]) if tokens else None) for p in ("train", "val")]
+                       np.concatenate(pools[p]) if tokens else None, token_blocks) for p in ("train", "val")]
     return sets[0], sets[1], data, record, views
 
 

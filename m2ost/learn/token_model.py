@@ -73,6 +73,7 @@ class M2OSTEncoder(FeatureModel):
         self.ridge, self.weight = None, 1.0
         self.ridge_input = "tokens"  # what the probe reads: "pooled" (FeatureSet.pooled) or "tokens"
         self.pca_mean = self.pca_components = None
+        self.token_scale = None  # per-channel factor weighing the tokens' blocks equally
 
     def _build(self) -> TokenM2OST:
         return TokenM2OST(**self.sizes, **{k: self.settings[k] for k in NETWORK_KEYS})
@@ -81,6 +82,7 @@ class M2OSTEncoder(FeatureModel):
         if train.x.ndim != 4:
             raise InputError(f"{self.kind} needs token grids (n, V, h*w, C), got shape {train.x.shape}")
         seed = int(self.train_cfg.get("seed", 0))
+        self._fit_token_scale(train.x, tuple(train.token_blocks), seed)
         self._fit_pca(train.x, seed)
         train_x, val_x = self._project(train.x), self._project(val.x)
         _, v, t, c = train_x.shape
@@ -121,8 +123,34 @@ class M2OSTEncoder(FeatureModel):
                      "blend_weight": self.weight, "chosen": True})
         return rows
 
+    @staticmethod
+    def _token_sample(x: np.ndarray, seed: int, size: int = 8192) -> np.ndarray:
+        """Up to ``size`` training tokens drawn at random (float64), for channel statistics."""
+        flat = x.reshape(-1, x.shape[-1])
+        rng = np.random.default_rng(seed)
+        return flat[np.sort(rng.choice(len(flat), min(len(flat), size), replace=False))].astype(np.float64)
+
+    def _fit_token_scale(self, x: np.ndarray, blocks: tuple[int, ...], seed: int) -> None:
+        """Weigh the blocks of the tokens' channels (the encoder's output, then the maps of its
+        intermediate stages, ``encoder.token_levels``) equally: each is scaled to a mean channel
+        variance of 1 over the training tokens. Otherwise the network's first LayerNorm would
+        follow whichever block has the largest activations."""
+        self.token_scale = None
+        if len(blocks) < 2:
+            return
+        if sum(blocks) != x.shape[-1]:
+            raise InputError(f"token blocks {list(blocks)} do not add up to the {x.shape[-1]} channels")
+        var = self._token_sample(x, seed).var(axis=0)
+        scale, start = np.ones(x.shape[-1]), 0
+        for size in blocks:
+            mean_var = var[start:start + size].mean()
+            scale[start:start + size] = 1.0 / np.sqrt(mean_var) if mean_var > 0 else 1.0
+            start += size
+        self.token_scale = scale
+
     def _fit_pca(self, x: np.ndarray, seed: int) -> None:
-        """Principal axes of the training tokens' channels (``token_pca`` of them; 0: none).
+        """Principal axes of the training tokens' channels (``token_pca`` of them; 0: none),
+        after the blocks' scaling.
 
         As HEST's PCA before the ridge: the network's first layer then learns ``k x dim``
         weights instead of ``C x dim`` (1280 x dim for EfficientNet), fewer to overfit on a
@@ -132,22 +160,30 @@ class M2OSTEncoder(FeatureModel):
         self.pca_mean = self.pca_components = None
         if k <= 0 or k >= x.shape[-1]:
             return
-        flat = x.reshape(-1, x.shape[-1])
-        rng = np.random.default_rng(seed)
-        sample = flat[np.sort(rng.choice(len(flat), min(len(flat), 8192), replace=False))]
-        sample = sample.astype(np.float64)
+        sample = self._token_sample(x, seed)
+        if self.token_scale is not None:
+            sample = sample * self.token_scale
         self.pca_mean = sample.mean(0)
         _, _, vt = np.linalg.svd(sample - self.pca_mean, full_matrices=False)
         self.pca_components = vt[:k]
 
     def _project(self, x: np.ndarray, chunk: int = 256) -> np.ndarray:
-        """Tokens onto the PCA axes (float32), in chunks of spots to bound memory."""
-        if self.pca_components is None:
+        """Tokens with their blocks scaled (float16, as cached) and onto the PCA axes (float32),
+        in chunks of spots to bound memory."""
+        if self.pca_components is None and self.token_scale is None:
             return x
-        comps, mean = self.pca_components.astype(np.float32), self.pca_mean.astype(np.float32)
-        return np.concatenate([(np.asarray(x[s:s + chunk], np.float32) - mean) @ comps.T
-                               for s in range(0, len(x), chunk)]) if len(x) else \
-            np.zeros((*x.shape[:-1], len(comps)), np.float32)
+        scale = None if self.token_scale is None else self.token_scale.astype(np.float32)
+        pca = self.pca_components is not None
+
+        def part(a: np.ndarray) -> np.ndarray:
+            a = np.asarray(a, np.float32)
+            a = a if scale is None else a * scale
+            if not pca:
+                return a.astype(np.float16)
+            return (a - self.pca_mean.astype(np.float32)) @ self.pca_components.astype(np.float32).T
+
+        out = [part(x[s:s + chunk]) for s in range(0, len(x), chunk)]
+        return np.concatenate(out) if out else part(x[:0])
 
     def _net_predict(self, x: np.ndarray) -> np.ndarray:
         return predict_features(self.net, self._project(x), scale=self.scale, shift=self.shift)
@@ -171,6 +207,7 @@ class M2OSTEncoder(FeatureModel):
                 "state_dict": self.net.state_dict(), "scale": torch.from_numpy(self.scale),
                 "shift": torch.from_numpy(self.shift), "blend_weight": float(self.weight),
                 "ridge": None if self.ridge is None else self.ridge.state(), "ridge_input": self.ridge_input,
+                "token_scale": None if self.token_scale is None else torch.from_numpy(self.token_scale),
                 "pca": None if self.pca_components is None else
                 {"mean": torch.from_numpy(self.pca_mean), "components": torch.from_numpy(self.pca_components)}}
 
@@ -186,6 +223,8 @@ class M2OSTEncoder(FeatureModel):
         if state["pca"] is not None:
             m.pca_mean = state["pca"]["mean"].numpy()
             m.pca_components = state["pca"]["components"].numpy()
+        scale = state.get("token_scale")  # absent from models saved before token_levels
+        m.token_scale = None if scale is None else scale.numpy()
         m.ridge = None if state["ridge"] is None else EncoderRidge.from_state(state["ridge"])
         m.ridge_input = state.get("ridge_input", "tokens")  # models saved before it existed
         return m

@@ -28,8 +28,9 @@ def train_settings(kind: str, config: Mapping) -> dict:
             model["encoder"] = {key: config["encoder"][key] for key in ENCODER_NETWORK_KEYS}
         return {"model": model, "train": train}
     if k.family == "feature":  # the encoder that made its features (not how they were batched or stored)
+        skip = ("tokens", "batch_size") + (() if k.input == "tokens" else ("token_levels",))
         out = {"train": train, "encoder": {key: value for key, value in config["encoder"].items()
-                                           if key not in ("tokens", "batch_size")}}
+                                           if key not in skip}}
         if k.config:
             out["model"] = dict(config[k.config])
         return out
