@@ -175,3 +175,19 @@ def test_probe_weighs_each_feature_block_equally():
     np.testing.assert_allclose(again.predict(loud), b.predict(loud), atol=1e-5)
     with pytest.raises(InputError, match="do not add up"):
         fitted(x, (10, 10))
+
+
+def test_token_levels_reach_the_token_kind_only():
+    """encoder.token_levels changes the cached token grids, not the pooled features: it is a
+    setting of m2ost_encoder's training job, not of the probes' (nor of m2ost_finetune's,
+    which builds its own tokens from the output)."""
+    from m2ost import defaults
+    from m2ost.plan.settings import train_settings as job_settings
+
+    config = defaults.config_defaults()
+    config["encoder"]["token_levels"] = 2
+    assert job_settings("m2ost_encoder", config)["encoder"]["token_levels"] == 2
+    for kind in ("encoder_ridge", "encoder_ridge_v0"):
+        enc = job_settings(kind, config)["encoder"]
+        assert "token_levels" not in enc and enc["levels"] == config["encoder"]["levels"]
+    assert "token_levels" not in job_settings("m2ost_finetune", config)["model"]["encoder"]

@@ -43,6 +43,23 @@ class FeatureSet:
         return len(self.x)
 
 
+def check_blocks(blocks: tuple[int, ...], width: int, what: str) -> None:
+    """The block sizes must add up to the features' last axis."""
+    if sum(blocks) != width:
+        raise InputError(f"{what} blocks {list(blocks)} do not add up to the {width} channels")
+
+
+def block_scale(var: np.ndarray, blocks: tuple[int, ...], reduce=np.sum) -> np.ndarray:
+    """Per-channel factors bringing each block's ``reduce`` (sum: total, mean: mean channel) of
+    the variances ``var`` to 1 (a block with no variance keeps factor 1)."""
+    scale, start = np.ones(len(var)), 0
+    for size in blocks:
+        level = reduce(var[start:start + size])
+        scale[start:start + size] = 1.0 / np.sqrt(level) if level > 0 else 1.0
+        start += size
+    return scale
+
+
 def per_sample_pcc(truth: np.ndarray, pred: np.ndarray, group: np.ndarray) -> float:
     """Mean per-gene Pearson per sample, averaged over samples (as a test slide is scored)."""
     scores = [mean_gene_pcc(truth[group == g], pred[group == g]) for g in np.unique(group)]
@@ -132,15 +149,9 @@ class EncoderRidge(FeatureModel):
         self.scale = None
         if len(blocks) < 2:
             return
-        if sum(blocks) != x.shape[-1]:
-            raise InputError(f"feature blocks {list(blocks)} do not add up to the {x.shape[-1]} features")
+        check_blocks(blocks, x.shape[-1], "feature")
         var = np.asarray(x, np.float64).reshape(-1, x.shape[-2], x.shape[-1]).var(axis=0).sum(axis=0)
-        scale, start = np.ones(x.shape[-1]), 0
-        for size in blocks:
-            total = var[start:start + size].sum()
-            scale[start:start + size] = 1.0 / np.sqrt(total) if total > 0 else 1.0
-            start += size
-        self.scale = scale
+        self.scale = block_scale(var, blocks, np.sum)
 
     def fit(self, train: FeatureSet, val: FeatureSet, out_dir=None) -> list[dict]:
         self._fit_scale(train.x, tuple(train.blocks))

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from m2ost.errors import InputError
-from m2ost.learn.feature_models import EncoderRidge, FeatureModel, FeatureSet, per_sample_pcc
+from m2ost.learn.feature_models import (EncoderRidge, FeatureModel, FeatureSet, block_scale, check_blocks,
+                                        per_sample_pcc)
 from m2ost.learn.feature_train import FIT_DEFAULTS, fit_network, predict_features
 from m2ost.model.token_m2ost import TokenM2OST
 
@@ -138,15 +139,8 @@ class M2OSTEncoder(FeatureModel):
         self.token_scale = None
         if len(blocks) < 2:
             return
-        if sum(blocks) != x.shape[-1]:
-            raise InputError(f"token blocks {list(blocks)} do not add up to the {x.shape[-1]} channels")
-        var = self._token_sample(x, seed).var(axis=0)
-        scale, start = np.ones(x.shape[-1]), 0
-        for size in blocks:
-            mean_var = var[start:start + size].mean()
-            scale[start:start + size] = 1.0 / np.sqrt(mean_var) if mean_var > 0 else 1.0
-            start += size
-        self.token_scale = scale
+        check_blocks(blocks, x.shape[-1], "token")
+        self.token_scale = block_scale(self._token_sample(x, seed).var(axis=0), blocks, np.mean)
 
     def _fit_pca(self, x: np.ndarray, seed: int) -> None:
         """Principal axes of the training tokens' channels (``token_pca`` of them; 0: none),
