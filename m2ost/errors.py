@@ -23,5 +23,9 @@ class InputError(Exception):
         return f"{prefix}{self.problem}"
 
 
+class StaleCheckpoint(InputError):
+    """The output folder holds the checkpoint of another run (other settings, data or model)."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

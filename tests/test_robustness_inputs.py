@@ -465,6 +465,29 @@ def test_checkpoint_of_another_model_configuration_on_the_command_line(study, ne
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_workflow_restarts_over_a_checkpoint_of_other_settings(study, network_run, tmp_path, capsys, caplog):
+    """What the train rule does (--restart-stale-checkpoint): a changed setting reruns the job in
+    the same folder, whose checkpoint is then another run's; it is replaced, with a warning, and
+    the new run's checkpoint resumes as usual."""
+    import torch
+
+    shutil.copytree(network_run / "checkpoints", tmp_path / "checkpoints")
+    old = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["run_parts"]
+    argv = _train_argv(study, tmp_path, {**TINY_MODEL, "depth": 1}) + ["--restart-stale-checkpoint"]
+    caplog.set_level(logging.INFO, logger="m2ost")
+    status, err = cli_in_process(argv, capsys)
+    assert status == 0, err
+    assert "checkpoints/last.pt] the checkpoint of another run" in caplog.text
+    assert "training starts over" in caplog.text
+    assert (tmp_path / "model.pt").exists()
+    new = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["run_parts"]
+    assert new != old
+    caplog.clear()
+    status, err = cli_in_process(argv, capsys)  # the same job again: its own checkpoint, no restart
+    assert status == 0, err
+    assert "starts over" not in caplog.text and "resuming" in caplog.text, caplog.text
+
+
 def test_truncated_checkpoint(study, network_run, tmp_path, capsys):
     shutil.copytree(network_run / "checkpoints", tmp_path / "checkpoints")
     last = tmp_path / "checkpoints" / "last.pt"

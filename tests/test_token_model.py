@@ -12,7 +12,7 @@ import pytest
 import yaml
 from realdata import HER2ST, her2st_files, needs_her2st
 
-from m2ost.errors import InputError
+from m2ost.errors import InputError, StaleCheckpoint
 from m2ost.learn.encoders import load_encoder
 from m2ost.learn.feature_models import FeatureSet
 from m2ost.learn.feature_registry import FEATURE_MODELS
@@ -146,7 +146,7 @@ def test_interrupted_training_resumes_to_the_same_weights(c3_tokens, tmp_path, m
     assert resumed["best_epoch"] == full["best_epoch"]
     for k, v in full["state_dict"].items():
         np.testing.assert_array_equal(v.numpy(), resumed["state_dict"][k].numpy())
-    with pytest.raises(InputError, match="different run"):  # a checkpoint of other settings
+    with pytest.raises(StaleCheckpoint, match="different run"):  # a checkpoint of other settings
         fit_network(*args, {**cfg, "lr": 1e-2}, tmp_path)
 
 

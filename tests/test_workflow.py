@@ -377,8 +377,14 @@ def test_changed_learning_rate_retrains_the_neural_models_only(fast_run, tmp_pat
     def change(config):
         config.setdefault("train", {})["lr"] = 0.002
 
-    planned = dry_run(fast_run.workdir, write_config(tmp_path / "config.yaml", change))
-    assert_plan(planned, model_jobs(with_ensemble(NEURAL), SPLITS))
+    configfile = write_config(tmp_path / "config.yaml", change)
+    assert_plan(dry_run(fast_run.workdir, configfile), model_jobs(with_ensemble(NEURAL), SPLITS))
+    # The reruns train in the folders of the first run, whose checkpoints are now another run's:
+    # the rule lets the trainer replace them (tests/test_robustness_inputs.py) instead of failing.
+    assert (fast_run.workdir / f"results/models/m2ost/{SPLITS[0]}/checkpoints/last.pt").exists()
+    printed = snakemake(fast_run.workdir, "-n", "-p", "--configfile", str(configfile)).stdout
+    launched = [line for line in printed.splitlines() if " -m m2ost train " in line]
+    assert launched and all("--restart-stale-checkpoint" in line for line in launched), launched
 
 
 def test_two_training_processes_relaunch_the_neural_models_under_torchrun(fast_run, tmp_path):

@@ -23,6 +23,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--settings",
                    help='JSON: {"model": {...}, "train": {...}, "encoder": {...}} (default: the workflow\'s)')
     p.add_argument("--out-dir", required=True, help="folder of model.pt, log.csv and checkpoints")
+    p.add_argument("--restart-stale-checkpoint", action="store_true",
+                   help="a checkpoint of another run in --out-dir (other settings or data) is deleted and "
+                        "training starts over, instead of an error (the workflow's train rule: a changed "
+                        "setting reruns the job in the same folder); a checkpoint of this run still resumes")
 
     p = add_command(sub, "embed", f"{RUN}:embed", "pretrained-encoder features of every spot and view of a bundle")
     p.add_argument("--bundle", required=True, help="bundle of the sample")

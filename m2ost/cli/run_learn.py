@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
 from m2ost import defaults
 from m2ost.cli.options import parse_pairs, parse_settings
@@ -15,7 +17,7 @@ from m2ost.learn.fit_features import fit_feature_model
 from m2ost.learn.predict import predict_bundle, prediction_outputs
 from m2ost.learn.predict import predict_slide as predict_one_slide
 from m2ost.model.info import print_variants
-from m2ost.errors import InputError
+from m2ost.errors import InputError, StaleCheckpoint
 from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS, model_kind
 from m2ost.plan.settings import ENCODER_NETWORK_KEYS
 
@@ -23,6 +25,18 @@ log = logging.getLogger("m2ost")
 
 
 def train(args) -> None:
+    try:
+        _train(args)
+    except StaleCheckpoint as err:
+        if not args.restart_stale_checkpoint:
+            raise
+        log.warning("[file %s] the checkpoint of another run (other settings or data): deleted, training "
+                    "starts over", err.file)
+        shutil.rmtree(Path(err.file).parent, ignore_errors=True)  # every process of a torchrun job
+        _train(args)
+
+
+def _train(args) -> None:
     settings = parse_settings(args.settings)
     expressions = parse_pairs(args.expression, "--expression")
     # Unset model and training settings are the workflow's (the config schema's).

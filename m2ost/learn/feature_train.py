@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from m2ost.atomic import atomic_path
-from m2ost.errors import InputError, TrainingDiverged
+from m2ost.errors import InputError, StaleCheckpoint, TrainingDiverged
 from m2ost.eval.metrics import mean_gene_pcc
 from m2ost.learn.device import derive_seed, seed_everything
 
@@ -165,7 +165,7 @@ def fit_network(build: Callable[[], torch.nn.Module], train_x: np.ndarray, train
     if last is not None and last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)
         if ck.get("run_id") != rid:
-            raise InputError("checkpoint belongs to a different run (settings, model or spots "
+            raise StaleCheckpoint("checkpoint belongs to a different run (settings, model or spots "
                              "differ); delete it or use another output directory", file=last)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

@@ -38,7 +38,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from m2ost.data.panel import read_gene_list
-from m2ost.errors import InputError, TrainingDiverged
+from m2ost.errors import InputError, StaleCheckpoint, TrainingDiverged
 from m2ost.eval.metrics import gene_pcc_by_group, mean_gene_pcc
 from m2ost.learn.augment import prepare_batch
 from m2ost.learn.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
@@ -233,7 +233,7 @@ def _resume(run: _Run) -> None:
     if differ:
         names = {"model": "model config / gene panel / views", "train_samples":
                  "training samples", "settings": "training settings"}
-        raise InputError("checkpoint belongs to a different run (differs in: "
+        raise StaleCheckpoint("checkpoint belongs to a different run (differs in: "
                          f"{'; '.join(names[k] for k in differ)}); delete it or use "
                          "another output directory", file=run.last_file)
     run.model.load_state_dict(ck["model"])

@@ -54,7 +54,7 @@ rule train:
         out_dir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
-        "{params.embeddings} {params.members} --genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} 2> {log}"
+        "{params.embeddings} {params.members} --genes {input.genes:q} --settings {params.settings:q} --out-dir {params.out_dir:q} --restart-stale-checkpoint 2> {log}"
 
 
 rule evaluate:
