@@ -38,7 +38,7 @@ def test_every_spot_and_view_is_encoded_in_bundle_order(b4, encoder):
     emb = read_embeddings(b4["out"], "B4", tokens=True, bundle=b4["bundle"], encoder=encoder.record())
     assert list(emb.barcode) == b4["barcodes"]
     assert emb.pooled.shape == (N_SPOTS, 3, 1752) and emb.pooled.dtype == np.float32
-    assert emb.tokens.shape == (N_SPOTS, 3, 49, 1280) and emb.tokens.dtype == np.float16
+    assert emb.tokens.shape == (N_SPOTS, 3, 49, 1280 + 112 + 320) and emb.tokens.dtype == np.float16
     assert emb.grid == (7, 7)
     assert [v["size_px"] for v in emb.views] == [112, 112, 112]
     assert emb.views[2]["fov_um"] == pytest.approx(896 * 0.69)

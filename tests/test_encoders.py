@@ -50,7 +50,8 @@ def test_default_encoder_reproduces_the_reference_efficientnet_lite0(b4_crops, l
     pooled, tokens = lite0.encode(b4_crops, tokens=True)
     assert lite0.blocks == [1280, 40, 112, 320]  # the output, then the last three stages (levels 3)
     assert pooled.shape == (3, 1752) and pooled.dtype == np.float32
-    assert tokens.shape == (3, 7, 7, 1280)
+    assert tokens.shape == (3, 7, 7, 1712)  # the output's 1280 channels, then 2 stages' (token_levels 2)
+    tokens = tokens[..., :1280]
     np.testing.assert_allclose(pooled[:, :1280], feats.mean((2, 3)).numpy(), rtol=0, atol=2e-3)
     start = 1280
     for channels in (40, 112, 320):  # each stage's pooled map, as the reference computes it
@@ -90,27 +91,27 @@ def test_levels_0_gives_the_output_alone_and_old_records_mean_levels_0():
 
 @needs_her2st
 def test_token_levels_append_the_stages_maps_pooled_to_the_grid(b4_crops, lite0):
-    """encoder.token_levels 2: every token carries the output's channels, then the 112-channel
-    stage (14 x 14, averaged 2 x 2 onto the 7 x 7 grid), then the 320-channel stage (7 x 7)."""
-    enc = load_encoder({"token_levels": 2}, "cpu")
+    """encoder.token_levels 2 (the default): every token carries the output's channels, then the
+    112-channel stage (14 x 14, averaged 2 x 2 onto the 7 x 7 grid), then the 320-channel stage."""
+    enc, plain = lite0, load_encoder({"token_levels": 0}, "cpu")
     assert enc.token_blocks == [1280, 112, 320] and enc.record()["token_blocks"] == [1280, 112, 320]
-    assert lite0.token_blocks == [1280] and enc.blocks == lite0.blocks  # pooled features unchanged
+    assert plain.token_blocks == [1280] and enc.blocks == plain.blocks  # pooled features unchanged
     pooled, grid = enc.encode(b4_crops, tokens=True)
-    pooled0, grid0 = lite0.encode(b4_crops, tokens=True)
+    pooled0, grid0 = plain.encode(b4_crops, tokens=True)
     assert grid.shape == (3, 7, 7, 1712)
     np.testing.assert_array_equal(pooled, pooled0)
     np.testing.assert_array_equal(grid[..., :1280], grid0)
     x = torch.from_numpy(b4_crops).permute(0, 3, 1, 2).float() / 255.0
     x = (x - 0.498) / 0.502
     with torch.no_grad():
-        _, (s112, s320) = lite0.model.forward_intermediates(x, indices=2, intermediates_only=False)
+        _, (s112, s320) = plain.model.forward_intermediates(x, indices=2, intermediates_only=False)
     by_hand = s112.reshape(3, 112, 7, 2, 7, 2).mean((3, 5)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(grid[..., 1280:1392], by_hand, rtol=0, atol=1e-4)
     np.testing.assert_allclose(grid[..., 1392:], s320.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-4)
     # the stages' pooled means are the pooled features' stage blocks: the same maps
     np.testing.assert_allclose(grid[..., 1392:].mean((1, 2)), pooled[:, -320:], rtol=0, atol=1e-4)
     # a grid that is not a multiple (112-px input: 7 x 7 stage onto a 4 x 4 grid) is pooled too
-    _, small = load_encoder({"token_levels": 2, "input_px": 112}, "cpu").encode(b4_crops, tokens=True)
+    _, small = load_encoder({"input_px": 112}, "cpu").encode(b4_crops, tokens=True)
     assert small.shape == (3, 4, 4, 1712) and np.isfinite(small).all()
     old_record = {"settings": {k: v for k, v in enc.record()["settings"].items() if k != "token_levels"}}
     assert stored_settings(old_record)["token_levels"] == 0  # files and models saved before it
@@ -130,7 +131,7 @@ def test_symmetric_padding_variant_would_not_reproduce_the_reference(b4_crops, l
 def test_views_are_resized_to_the_input_size(b4_crops, lite0):
     small = b4_crops[:, ::2, ::2].copy()  # 112 px
     pooled, tokens = lite0.encode(small, tokens=True)
-    assert pooled.shape == (3, 1752) and tokens.shape == (3, 7, 7, 1280)
+    assert pooled.shape == (3, 1752) and tokens.shape == (3, 7, 7, 1712)
     assert np.corrcoef(pooled.ravel(), lite0.encode(b4_crops).ravel())[0, 1] > 0.8  # same tissue, half the detail
 
 

@@ -47,7 +47,8 @@ def c3_tokens():
 
     views, barcodes, _ = spot_views("C3", N_SPOTS)
     encoder = load_encoder({"input_px": 64}, "cpu")
-    x = np.stack([encoder.encode(v, tokens=True)[1].reshape(N_SPOTS, -1, encoder.blocks[0]) for v in views], 1)
+    blocks = tuple(encoder.token_blocks)  # the output's channels, then two stages' (token_levels 2)
+    x = np.stack([encoder.encode(v, tokens=True)[1].reshape(N_SPOTS, -1, sum(blocks)) for v in views], 1)
     counts = pd.read_csv(her2st_files("C3")["counts"], sep="\t", index_col=0)
     panel = (HER2ST / "gene-panels" / "m2ost_250.txt").read_text().split()
     keep = np.isin(barcodes, counts.index)  # a few spots of the selection have no counts row
@@ -59,8 +60,8 @@ def c3_tokens():
     genes = np.argsort(-y[train].var(0))[:N_GENES]  # most variable on the training spots
     y = y[:, genes].astype(np.float32)
     group = np.zeros(n, int)
-    return (FeatureSet(x[train].astype(np.float16), y[train], group[train]),
-            FeatureSet(x[val].astype(np.float16), y[val], group[val]))
+    return (FeatureSet(x[train].astype(np.float16), y[train], group[train], token_blocks=blocks),
+            FeatureSet(x[val].astype(np.float16), y[val], group[val], token_blocks=blocks))
 
 
 @needs_her2st
@@ -69,7 +70,8 @@ def test_learns_real_expression_well_above_a_shuffled_control(c3_tokens):
     model = M2OSTEncoder(FAST, {"seed": 0})
     rows = model.fit(train, val)
     real = max(r["val_gene_pcc"] for r in rows)
-    shuffled = FeatureSet(train.x, train.y[np.random.default_rng(0).permutation(len(train))], train.group)
+    shuffled = FeatureSet(train.x, train.y[np.random.default_rng(0).permutation(len(train))], train.group,
+                          token_blocks=train.token_blocks)
     control = max(r["val_gene_pcc"] for r in M2OSTEncoder(FAST, {"seed": 0}).fit(shuffled, val))
     print("real", real, "control", control)
     assert real > 0.15, real
@@ -86,30 +88,23 @@ def test_stage_channels_of_the_tokens_are_weighed_equally(c3_tokens):
     """encoder.token_levels: the tokens carry the output's channels and two stages' (real C3
     spots); each block reaches the network at a mean channel variance of 1, the scale is fitted
     on the training tokens only and travels with the model."""
-    from her2st_views import spot_views
-
-    train, val = c3_tokens
-    views, _, _ = spot_views("C3", N_SPOTS)
-    encoder = load_encoder({"input_px": 64, "token_levels": 2}, "cpu")
-    blocks = tuple(encoder.token_blocks)
-    x = np.stack([encoder.encode(v, tokens=True)[1].reshape(N_SPOTS, -1, sum(blocks)) for v in views], 1)
-    x = x.astype(np.float16)
-    raw_var = x[: len(train)].astype(np.float64).reshape(-1, x.shape[-1]).var(0)
+    tr, va = c3_tokens
+    blocks = tuple(tr.token_blocks)
+    assert blocks == (1280, 112, 320)
+    raw_var = tr.x.astype(np.float64).reshape(-1, tr.x.shape[-1]).var(0)
     starts = np.cumsum((0,) + blocks)
     raw = [raw_var[a:b].mean() for a, b in zip(starts, starts[1:])]
     assert max(raw) / min(raw) > 2  # unscaled, one block would dominate the LayerNorm
-    tr = FeatureSet(x[: len(train)], train.y, train.group, token_blocks=blocks)
-    va = FeatureSet(x[len(train):len(train) + len(val)], val.y, val.group, token_blocks=blocks)
     model = M2OSTEncoder({**FAST, "epochs": 2}, {"seed": 0})
     model.fit(tr, va)
-    var = model._project(tr.x).astype(np.float64).reshape(-1, x.shape[-1]).var(0)
+    var = model._project(tr.x).astype(np.float64).reshape(-1, tr.x.shape[-1]).var(0)
     for a, b in zip(starts, starts[1:]):
         assert var[a:b].mean() == pytest.approx(1.0, rel=0.1)
     again = M2OSTEncoder.from_state(model.state(), FAST)
     np.testing.assert_array_equal(again.token_scale, model.token_scale)
     np.testing.assert_array_equal(again.predict(va.x), model.predict(va.x))
     plain = M2OSTEncoder({**FAST, "epochs": 1}, {"seed": 0})
-    plain.fit(train, val)
+    plain.fit(FeatureSet(tr.x[..., :1280], tr.y, tr.group), FeatureSet(va.x[..., :1280], va.y, va.group))
     assert plain.token_scale is None  # the output's channels alone: nothing to weigh
     with pytest.raises(InputError, match="token blocks"):
         M2OSTEncoder(FAST, {"seed": 0}).fit(FeatureSet(tr.x, tr.y, tr.group, token_blocks=(1280, 112)), va)
@@ -217,39 +212,23 @@ def test_fit_reads_only_training_slides_and_scores_from_the_cache_as_from_bundle
                  device="cpu", figures=False, embeddings={"C": files["A"]})
 
 
-def test_token_levels_reach_the_model_and_its_on_the_fly_encoder(study_tokens, tmp_path):
-    """With encoder.token_levels the cached tokens carry the stages, the model records them, and
-    evaluation encodes the held-out slide the same way (same predictions as from the cache);
-    embeddings of another token_levels are refused."""
-    import anndata
-
-    from m2ost.learn.embeddings import write_embeddings
-    from m2ost.learn.evaluate import evaluate
+def test_token_levels_reach_the_model(study_tokens, tmp_path):
+    """The cached tokens carry the stages (token_levels 2, the default), the model is built on
+    them and records the setting (its on-the-fly encoder follows it: the test above gives the
+    same predictions from bundles as from the cache); embeddings of another token_levels are
+    refused."""
     from m2ost.learn.fit_features import fit_feature_model
 
-    study, plain_files = study_tokens
-    enc_cfg = {"input_px": 64, "token_levels": 2}
-    encoder = load_encoder(enc_cfg, "cpu")
-    files = {}
-    for s, bundle in study["bundles"].items():
-        files[s] = str(tmp_path / f"{s}.h5")
-        write_embeddings(encoder, bundle, files[s], sample=s, tokens=True, batch_size=16, progress=False)
+    study, files = study_tokens
+    settings = {"train": TRAIN, "model": {**SMALL, "token_pca": 0}, "encoder": {"input_px": 64, "token_levels": 2}}
     out = tmp_path / "model"
-    settings = {"train": TRAIN, "model": {**SMALL, "token_pca": 0}, "encoder": enc_cfg}
     fit_feature_model("m2ost_encoder", study["bundles"], study["expressions"], {s: files[s] for s in "AB"},
                       study["genes_file"], ["A", "B"], settings, out)
     payload = torch.load(out / "model.pt", weights_only=True)
     assert payload["encoder"]["settings"]["token_levels"] == 2
+    assert payload["state"]["sizes"]["in_dim"] == 1280 + 112 + 320
     assert payload["state"]["token_scale"] is not None
-    assert payload["state"]["sizes"]["in_dim"] == 1712
-    evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "a",
-             device="cpu", figures=False)
-    evaluate(out / "model.pt", study["bundles"], study["expressions"], ["C"], tmp_path / "b",
-             device="cpu", figures=False, embeddings={"C": files["C"]})
-    a = anndata.read_h5ad(tmp_path / "a" / "predictions.h5ad")
-    b = anndata.read_h5ad(tmp_path / "b" / "predictions.h5ad")
-    np.testing.assert_allclose(a.X, b.X, atol=1e-4)
-    with pytest.raises(InputError, match="differs in: token_levels"):  # the cache of token_levels 0
-        fit_feature_model("m2ost_encoder", study["bundles"], study["expressions"],
-                          {s: plain_files[s] for s in "AB"}, study["genes_file"], ["A", "B"], settings,
-                          tmp_path / "other")
+    settings["encoder"]["token_levels"] = 0
+    with pytest.raises(InputError, match="differs in: token_levels"):
+        fit_feature_model("m2ost_encoder", study["bundles"], study["expressions"], {s: files[s] for s in "AB"},
+                          study["genes_file"], ["A", "B"], settings, tmp_path / "other")

@@ -48,7 +48,7 @@ ENCODER_DEFAULTS = {
     "kwargs": {},
     "tta": False,
     "levels": 3,
-    "token_levels": 0,
+    "token_levels": 2,
     "tokens": False,
     "batch_size": 64,
 }
