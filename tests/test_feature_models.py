@@ -148,6 +148,17 @@ def test_embeddings_of_another_encoder_config_are_refused(study, embedded, tmp_p
                   tmp_path)
 
 
+def test_probe_trains_on_embeddings_of_any_token_levels(study, embedded, tmp_path):
+    """The probes read the pooled features, which token_levels does not change: embeddings stored
+    with the stage tokens (the default) serve a config that stores the output's tokens alone (the
+    demo's), and the other way round."""
+    assert read_embeddings(embedded["files"]["A"], "A").encoder["settings"]["token_levels"] == 2
+    result = fit_feature_model("encoder_ridge", study["bundles"], study["expressions"], embedded["files"],
+                               study["genes_file"], ["A", "B"],
+                               {"train": TRAIN, "encoder": {**ENCODER, "token_levels": 0}}, tmp_path)
+    assert (tmp_path / "model.pt").exists() and result["n_train"] > 0
+
+
 def test_probe_weighs_each_feature_block_equally():
     """The encoder's output and its intermediate stages (Encoder.blocks) are scaled to the same
     total variance before the PCA: multiplying one block by 1000 changes nothing, whereas without
