@@ -157,6 +157,13 @@ def test_probe_trains_on_embeddings_of_any_token_levels(study, embedded, tmp_pat
                                study["genes_file"], ["A", "B"],
                                {"train": TRAIN, "encoder": {**ENCODER, "token_levels": 0}}, tmp_path)
     assert (tmp_path / "model.pt").exists() and result["n_train"] > 0
+    # and it is scored from cached embeddings whose token grids differ from its record's
+    record = load_model(tmp_path / "model.pt").meta["encoder"]
+    other = {**record, "settings": {**record["settings"], "token_levels": 0}}
+    assert len(read_embeddings(embedded["files"]["C"], "C", encoder=other).barcode) == 48
+    with pytest.raises(InputError, match="differs in: input_px"):  # what the pooled features depend on
+        read_embeddings(embedded["files"]["C"], "C",
+                        encoder={**other, "settings": {**other["settings"], "input_px": 96}})
 
 
 def test_probe_weighs_each_feature_block_equally():

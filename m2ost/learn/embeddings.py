@@ -140,7 +140,8 @@ def read_embeddings(path: str | os.PathLike, sample: str | None = None, tokens: 
     rows
         Bundle rows to read (default all), e.g. ``SampleData.rows``.
     encoder
-        An :meth:`Encoder.record` the file must match (same settings and weights checksum).
+        An :meth:`Encoder.record` the file must match (same settings and weights checksum;
+        ``token_levels`` only when the tokens are read).
     """
     try:
         with h5py.File(path, "r") as f:
@@ -178,7 +179,9 @@ def read_embeddings(path: str | os.PathLike, sample: str | None = None, tokens: 
                          "rerun the embed stage", file=path, sample=sample)
     if encoder is not None:
         had = stored_settings(stored) if "settings" in stored else {}
-        differ = [k for k in encoder.get("settings", {}) if had.get(k) != encoder["settings"][k]]
+        # the pooled features do not depend on what the token grids carry
+        keys = [k for k in encoder.get("settings", {}) if tokens or k != "token_levels"]
+        differ = [k for k in keys if had.get(k) != encoder["settings"][k]]
         if encoder.get("checksum") != stored.get("checksum"):
             differ.append("weights file checksum")
         if differ:

@@ -32,18 +32,15 @@ from m2ost.plan.kinds import FEATURE_KINDS
 log = logging.getLogger(__name__)
 
 
-def expected_encoder(encoder_cfg: Mapping | None, tokens: bool = True) -> dict | None:
-    """The record (settings, weights checksum) embeddings must carry for ``encoder_cfg``; for a
-    kind that reads the pooled features (not ``tokens``), whatever ``token_levels`` they were
-    stored with."""
+def expected_encoder(encoder_cfg: Mapping | None) -> dict | None:
+    """The record (settings, weights checksum) embeddings must carry for ``encoder_cfg``."""
     if encoder_cfg is None:
         return None
     settings = encoder_settings(encoder_cfg)
     path = weights_path(settings)
     if not path.is_file():
         raise InputError("encoder weights file not found (encoder.weights)", file=path)
-    keys = [k for k in FEATURE_KEYS if tokens or k != "token_levels"]
-    return {"settings": {k: settings[k] for k in keys}, "checksum": file_checksum(path)}
+    return {"settings": {k: settings[k] for k in FEATURE_KEYS}, "checksum": file_checksum(path)}
 
 
 def feature_data(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, str],
@@ -109,9 +106,7 @@ def fit_feature_model(kind: str, bundles: Mapping[str, str], expressions: Mappin
     seed_everything(int(cfg["seed"]))
     genes = read_gene_list(genes_file)
     train, val, data, record, views = feature_data(kind, bundles, expressions, embeddings, genes,
-                                                   train_samples, cfg,
-                                                   expected_encoder(settings.get("encoder"),
-                                                                    FEATURE_KINDS[kind].input == "tokens"))
+                                                   train_samples, cfg, expected_encoder(settings.get("encoder")))
     model_cfg = settings.get("model") or {}
     model = FEATURE_MODELS[kind](model_cfg, cfg)
     rows = model.fit(train, val, out_dir)
