@@ -8,7 +8,7 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+validate(config, "m2ost/schemas/config.schema.yaml", set_default=True)
 
 
 include: "workflow/rules/common.smk"

@@ -28,11 +28,11 @@ from common import load_average
 
 from m2ost.data.panel import read_gene_list
 from m2ost.eval.metrics import score
-from m2ost.learn.dataset import load_sample
-from m2ost.learn.embeddings import read_embeddings
-from m2ost.learn.feature_models import FEATURE_MODELS
-from m2ost.learn.fit_features import fit_feature_model
-from m2ost.learn.predictor import load_model
+from m2ost.learn.inputs.dataset import load_sample
+from m2ost.learn.features.embeddings import read_embeddings
+from m2ost.learn.features.probes import FEATURE_MODELS
+from m2ost.learn.features.fit_on_embeddings import fit_feature_model
+from m2ost.learn.inference.predictor import load_model
 
 
 def main() -> None:

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2ost.learn.augment import prepare_batch
-from m2ost.learn.dataset import load_sample
-from m2ost.learn.device import autocast, pin_memory, resolve_device
-from m2ost.learn.loader import SpotDataset, make_loader
+from m2ost.learn.inputs.augment import prepare_batch
+from m2ost.learn.inputs.dataset import load_sample
+from m2ost.learn.training.device import autocast, pin_memory, resolve_device
+from m2ost.learn.inputs.loader import SpotDataset, make_loader
 from m2ost.model import build_model, count_parameters
 
 

@@ -49,7 +49,7 @@ def load_config(*files: Path) -> dict:
     config: dict = {}
     for f in files:
         config = merge(config, yaml.safe_load(Path(f).read_text()) or {})
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "m2ost/schemas/config.schema.yaml").read_text())
     return with_defaults(schema, config)
 
 

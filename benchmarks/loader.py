@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2ost.learn.dataset import load_sample  # noqa: E402
-from m2ost.learn.loader import SpotDataset, make_loader  # noqa: E402
+from m2ost.learn.inputs.dataset import load_sample  # noqa: E402
+from m2ost.learn.inputs.loader import SpotDataset, make_loader  # noqa: E402
 
 TARGET = 2000.0
 

@@ -1,10 +1,10 @@
 """Default settings, read from the workflow's config schema: the one place they are written.
 
-``workflow/schemas/config.schema.yaml`` documents every key of the workflow's configuration and
-gives its default; Snakemake fills a config from it (``validate(..., set_default=True)``), and
-the package's own fallbacks (a library call or a subcommand without settings) come from here, so
-both always agree. The schema is looked up in the repository this package is imported from, or
-at ``$M2OST_CONFIG_SCHEMA``.
+``m2ost/schemas/config.schema.yaml`` (package data, installed with the package) documents every
+key of the workflow's configuration and gives its default; the Snakefile validates against that
+same file and Snakemake fills a config from it (``validate(..., set_default=True)``), and the
+package's own fallbacks (a library call or a subcommand without settings) come from here, so both
+always agree. ``$M2OST_CONFIG_SCHEMA`` points elsewhere (tests of a broken schema).
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ import yaml
 from m2ost.errors import InputError
 
 SCHEMA_ENV = "M2OST_CONFIG_SCHEMA"
-REPO_SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+PACKAGE_SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 def schema_path() -> Path:
-    """The config schema: ``$M2OST_CONFIG_SCHEMA`` if set, else the repository's."""
-    return Path(os.environ.get(SCHEMA_ENV) or REPO_SCHEMA)
+    """The config schema: ``$M2OST_CONFIG_SCHEMA`` if set, else the one installed with the package."""
+    return Path(os.environ.get(SCHEMA_ENV) or PACKAGE_SCHEMA)
 
 
 @functools.lru_cache(maxsize=4)
 def _load(path: Path) -> dict:
     if not path.is_file():
         raise InputError("config schema not found: m2ost reads its default settings from "
-                         "workflow/schemas/config.schema.yaml of its repository; run it from a checkout "
-                         f"or point {SCHEMA_ENV} at the schema", file=path)
+                         f"m2ost/schemas/config.schema.yaml; reinstall the package or point {SCHEMA_ENV} "
+                         "at the schema", file=path)
     try:
         schema = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

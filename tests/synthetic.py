@@ -184,8 +184,8 @@ def make_study(root, samples: dict[str, int] | None = None, **kwargs) -> dict:
 def embed_study(study: dict, root, encoder_cfg: dict) -> dict:
     """Embeddings of every sample of ``study`` by the encoder of ``encoder_cfg``, in ``root``:
     {"files": sample -> path, "encoder": the Encoder, "root": root}."""
-    from m2ost.learn.embeddings import write_embeddings
-    from m2ost.learn.encoders import load_encoder
+    from m2ost.learn.features.embeddings import write_embeddings
+    from m2ost.learn.features.encoders import load_encoder
 
     encoder = load_encoder(encoder_cfg, "cpu")
     files = {}
@@ -223,7 +223,7 @@ def poison_network_after(monkeypatch, calls: int) -> None:
     (evaluation passes are left alone), to test what a diverged training does."""
     import torch
 
-    import m2ost.learn.trainer as trainer
+    import m2ost.learn.training.trainer as trainer
 
     build = trainer.build_network
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from synthetic import TINY_MODEL, poison_network_after, make_sample, panel_genes, tiny_train_cfg
 
-import m2ost.learn.augment as A
-import m2ost.learn.trainer as T
+import m2ost.learn.inputs.augment as A
+import m2ost.learn.training.trainer as T
 from m2ost.errors import TrainingDiverged
-from m2ost.learn.checkpoints import read_log
-from m2ost.learn.dataset import load_sample
-from m2ost.learn.fit import fit_model
-from m2ost.learn.loader import SpotDataset, make_loader
-from m2ost.learn.predictor import predict_network
+from m2ost.learn.training.checkpoints import read_log
+from m2ost.learn.inputs.dataset import load_sample
+from m2ost.learn.training.fit_on_views import fit_model
+from m2ost.learn.inputs.loader import SpotDataset, make_loader
+from m2ost.learn.inference.predictor import predict_network
 from m2ost.model import build_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -91,7 +91,7 @@ def test_the_regression_head_runs_in_fp32_under_bf16_autocast():
 
 def test_prediction_starts_no_more_workers_than_batches_after_the_first(tmp_path, monkeypatch):
     """Validation runs every epoch: workers forked for one batch would cost more than they read."""
-    import m2ost.learn.predictor as P
+    import m2ost.learn.inference.predictor as P
 
     ds, _ = _spots(tmp_path, n=24)
     model = build_model(dict(TINY_MODEL), ds.n_genes, 3, ds.image_size)

@@ -9,9 +9,9 @@ import torch
 
 from synthetic import make_sample, panel_genes, write_bundle
 
-from m2ost.learn.augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENTATION, prepare_batch
-from m2ost.learn.dataset import load_sample, load_samples
-from m2ost.learn.loader import SpotDataset, make_loader
+from m2ost.learn.inputs.augment import IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENTATION, prepare_batch
+from m2ost.learn.inputs.dataset import load_sample, load_samples
+from m2ost.learn.inputs.loader import SpotDataset, make_loader
 from m2ost.errors import InputError
 
 AUG = {"flip": True, "rot90": True, "color_jitter": 0.2}

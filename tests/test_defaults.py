@@ -1,6 +1,6 @@
 """One set of defaults: a call without settings uses exactly what the workflow runs.
 
-The workflow fills its config from workflow/schemas/config.schema.yaml (Snakemake's validate with
+The workflow fills its config from m2ost/schemas/config.schema.yaml (Snakemake's validate with
 set_default); the package's fallbacks come from the same file (m2ost.defaults). Each test runs a
 subcommand or library call without settings and checks what it used against the schema's
 defaults as Snakemake fills them.
@@ -21,11 +21,11 @@ from realdata import SVS, her2st_files, needs_her2st, needs_svs
 from robustness_helpers import cli_in_process
 
 from m2ost import defaults
-from m2ost.learn.settings import TRAIN_DEFAULTS, train_settings
+from m2ost.learn.training.identity import TRAIN_DEFAULTS, train_settings
 from m2ost.plan.settings import eval_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / "m2ost" / "schemas" / "config.schema.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_train_and_evaluate_without_settings(study, tmp_path, capsys, workflow_c
 
 
 def test_predict_without_settings(study, tmp_path, capsys, monkeypatch, workflow_config):
-    import m2ost.learn.predict as predict
+    import m2ost.learn.inference.new_slides as predict
 
     _ok(["train", "--kind", "mean", "--bundle", f"A={study['bundles']['A']}", "--expression",
          f"A={study['expressions']['A']}", "--genes", study["genes_file"], "--out-dir", tmp_path / "mean"], capsys)

@@ -9,8 +9,8 @@ import pytest
 from realdata import needs_her2st
 
 from m2ost.errors import InputError
-from m2ost.learn.embeddings import read_embeddings, write_embeddings
-from m2ost.learn.encoders import load_encoder
+from m2ost.learn.features.embeddings import read_embeddings, write_embeddings
+from m2ost.learn.features.encoders import load_encoder
 
 pytestmark = needs_her2st
 N_SPOTS = 10

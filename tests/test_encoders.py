@@ -10,10 +10,10 @@ import yaml
 from realdata import REPO, needs_her2st
 
 from m2ost.errors import InputError
-from m2ost.learn.encoders import (DEFAULT_WEIGHTS, ENCODER_DEFAULTS, default_weights_file, encoder_settings,
+from m2ost.learn.features.encoders import (DEFAULT_WEIGHTS, ENCODER_DEFAULTS, default_weights_file, encoder_settings,
                                   load_encoder, stored_settings)
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = REPO / "m2ost/schemas/config.schema.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import torch
 from synthetic import embed_study
 
 from m2ost.errors import InputError
-from m2ost.learn.checkpoints import read_log
-from m2ost.learn.ensemble import choose_weights, fit_ensemble, simplex_weights
-from m2ost.learn.evaluate import evaluate
-from m2ost.learn.feature_models import per_sample_pcc
-from m2ost.learn.fit import fit_model
-from m2ost.learn.fit_features import fit_feature_model
-from m2ost.learn.predictor import load_model
+from m2ost.learn.training.checkpoints import read_log
+from m2ost.learn.inference.ensemble import choose_weights, fit_ensemble, simplex_weights
+from m2ost.learn.inference.heldout import evaluate
+from m2ost.learn.features.probes import per_sample_pcc
+from m2ost.learn.training.fit_on_views import fit_model
+from m2ost.learn.features.fit_on_embeddings import fit_feature_model
+from m2ost.learn.inference.predictor import load_model
 from m2ost.plan.kinds import ensemble_members, uses_kinds
 
 ENCODER = {"input_px": 64}  # the synthetic views are 32 px

@@ -9,14 +9,14 @@ import torch
 from synthetic import N_GENES, embed_study
 
 from m2ost.errors import InputError
-from m2ost.learn.embeddings import read_embeddings
-from m2ost.learn.evaluate import evaluate
-from m2ost.learn.feature_models import PCA_COMPONENTS, EncoderRidge, FeatureSet
-from m2ost.learn.fit import fit_model
-from m2ost.learn.fit_features import feature_data, fit_feature_model
-from m2ost.learn.predictor import load_model
-from m2ost.learn.settings import train_settings
-from m2ost.learn.trainer import training_data
+from m2ost.learn.features.embeddings import read_embeddings
+from m2ost.learn.inference.heldout import evaluate
+from m2ost.learn.features.probes import PCA_COMPONENTS, EncoderRidge, FeatureSet
+from m2ost.learn.training.fit_on_views import fit_model
+from m2ost.learn.features.fit_on_embeddings import feature_data, fit_feature_model
+from m2ost.learn.inference.predictor import load_model
+from m2ost.learn.training.identity import train_settings
+from m2ost.learn.training.trainer import training_data
 
 # The synthetic views are 32 px: a 64-px encoder input keeps the tests fast (12x fewer pixels).
 ENCODER = {"input_px": 64}

@@ -18,15 +18,15 @@ from synthetic import write_expression, write_genes
 
 from m2ost import defaults
 from m2ost.errors import InputError
-from m2ost.learn.augment import prepare_batch
-from m2ost.learn.dataset import load_sample
-from m2ost.learn.encoders import load_encoder
-from m2ost.learn.finetune import build_finetune_network, finetune_settings
-from m2ost.learn.fit import fit_model
-from m2ost.learn.loader import SpotDataset
-from m2ost.learn.network import param_groups
-from m2ost.learn.predictor import load_model
-from m2ost.learn.token_model import M2OST_ENCODER_DEFAULTS, NETWORK_KEYS
+from m2ost.learn.inputs.augment import prepare_batch
+from m2ost.learn.inputs.dataset import load_sample
+from m2ost.learn.features.encoders import load_encoder
+from m2ost.learn.features.finetune import build_finetune_network, finetune_settings
+from m2ost.learn.training.fit_on_views import fit_model
+from m2ost.learn.inputs.loader import SpotDataset
+from m2ost.learn.training.network import param_groups
+from m2ost.learn.inference.predictor import load_model
+from m2ost.learn.features.token_model import M2OST_ENCODER_DEFAULTS, NETWORK_KEYS
 from m2ost.plan.settings import train_settings
 
 N_SPOTS, N_GENES = 150, 30

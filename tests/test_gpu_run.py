@@ -136,7 +136,7 @@ def test_the_run_trains_with_the_workflows_settings():
 
     files = [REPO / "config/her2st.yaml", REPO / "benchmarks/her2st_gpu.yaml"]
     config = merge(yaml.safe_load(files[0].read_text()), yaml.safe_load(files[1].read_text()))
-    validate(config, str(REPO / "workflow/schemas/config.schema.yaml"), set_default=True)
+    validate(config, str(REPO / "m2ost/schemas/config.schema.yaml"), set_default=True)
     assert load_config(*files) == config
     assert config["model"] == {"variant": "paper"} and [v["size_px"] for v in config["views"]] == [224] * 3
     assert [v["fov_px"] for v in config["views"]] == [224, 448, 896]

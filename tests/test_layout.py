@@ -39,7 +39,7 @@ def _modules(root: Path = PACKAGE) -> dict[str, Path]:
 
 
 def _subpackage(module: str) -> str | None:
-    """``m2ost.learn.trainer`` -> ``learn``; None for the top-level modules (errors, atomic, ...)."""
+    """``m2ost.learn.training.trainer`` -> ``learn``; None for the top-level modules (errors, atomic, ...)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else None
 
@@ -155,10 +155,11 @@ def test_no_deferred_import_across_subpackages():
 def test_the_scanner_sees_deferred_and_relative_imports(tmp_path):
     """The AST scan above would catch what it looks for."""
     path = tmp_path / "probe.py"
-    path.write_text("from .variants import build_model\n\ndef f():\n    from m2ost.learn.fit import fit_model\n")
+    path.write_text("from .variants import build_model\n\n"
+                    "def f():\n    from m2ost.learn.training.fit_on_views import fit_model\n")
     assert _m2ost_imports("m2ost.model.probe", path) == [
         ("m2ost.model.variants", False), ("m2ost.model.variants.build_model", False),
-        ("m2ost.learn.fit", True), ("m2ost.learn.fit.fit_model", True)]
+        ("m2ost.learn.training.fit_on_views", True), ("m2ost.learn.training.fit_on_views.fit_model", True)]
 
 
 def test_no_module_over_400_lines():
@@ -170,8 +171,19 @@ def test_no_module_over_400_lines():
 def test_model_kinds_match_the_config_schema():
     from m2ost.plan.kinds import KINDS
 
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "m2ost" / "schemas" / "config.schema.yaml").read_text())
     props = schema["properties"]
     assert props["models"]["items"]["enum"] == list(KINDS)
     assert props["predict"]["properties"]["model"]["enum"] == list(KINDS)
     assert set(props["models"]["default"]) <= set(KINDS)
+
+
+def test_learn_is_split_into_its_four_parts():
+    """learn/ holds only its parts (docs/ARCHITECTURE.md): data in, training, pretrained features,
+    prediction out; no module sits beside them, and none of their names repeats another subpackage's."""
+    learn = PACKAGE / "learn"
+    parts = sorted(p.name for p in learn.iterdir() if (p / "__init__.py").is_file())
+    assert parts == ["features", "inference", "inputs", "training"]
+    assert sorted(p.name for p in learn.glob("*.py")) == ["__init__.py"]
+    names = {p.stem for part in parts for p in (learn / part).glob("*.py")} - {"__init__"}
+    assert not names & set(SUBPACKAGES), "a learn module named like a subpackage of m2ost"

@@ -100,8 +100,8 @@ def test_evaluate_mean_baseline_writes_files(study, tmp_path):
     from synthetic import tiny_train_cfg
 
     from m2ost.eval.summary import aggregate
-    from m2ost.learn.evaluate import evaluate
-    from m2ost.learn.fit import fit_model
+    from m2ost.learn.inference.heldout import evaluate
+    from m2ost.learn.training.fit_on_views import fit_model
 
     fit_model("mean", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"],
               None, tiny_train_cfg(), tmp_path / "mean")

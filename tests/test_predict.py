@@ -12,8 +12,8 @@ from realdata import SVS, needs_svs
 from synthetic import FOV_UM, TINY_MODEL, tiny_train_cfg
 from viewer_checks import check_draws_over_tissue, check_qupath_geojson
 
-from m2ost.learn.predict import predict_slide
-from m2ost.learn.fit import fit_model
+from m2ost.learn.inference.new_slides import predict_slide
+from m2ost.learn.training.fit_on_views import fit_model
 
 
 @pytest.fixture(scope="module")

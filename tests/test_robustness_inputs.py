@@ -407,7 +407,7 @@ def test_bundle_whose_views_disagree_in_spot_count(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def mean_model(study, tmp_path_factory):
-    from m2ost.learn.fit import fit_model
+    from m2ost.learn.training.fit_on_views import fit_model
 
     out = tmp_path_factory.mktemp("mean")
     fit_model("mean", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"], None,
@@ -441,7 +441,7 @@ def test_model_trained_on_other_fields_of_view(mean_model, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def network_run(study, tmp_path_factory):
     """A finished one-epoch run of the tiny network (its checkpoints are reused)."""
-    from m2ost.learn.fit import fit_model
+    from m2ost.learn.training.fit_on_views import fit_model
 
     out = tmp_path_factory.mktemp("net")
     fit_model("m2ost", study["bundles"], study["expressions"], study["genes_file"], ["A", "B"], TINY_MODEL,
@@ -519,7 +519,7 @@ def test_gpu_requested_where_there_is_none(study, tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "m").exists() or leftovers(tmp_path / "m") == []
 
 
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / "m2ost" / "schemas" / "config.schema.yaml"
 
 
 @pytest.mark.parametrize("config, problem", [

@@ -37,7 +37,7 @@ from m2ost.data import slide
 from m2ost.data import spots
 from m2ost.data import tiling
 from m2ost.errors import InputError
-from m2ost.learn.checkpoints import read_log
+from m2ost.learn.training.checkpoints import read_log
 
 # =============================================================================================
 # Tiling killed half-way
@@ -128,9 +128,9 @@ KILL_AT = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    import m2ost.learn.fit as F
-    import m2ost.learn.predictor as P
-    import m2ost.learn.trainer as T
+    import m2ost.learn.training.fit_on_views as F
+    import m2ost.learn.inference.predictor as P
+    import m2ost.learn.training.trainer as T
     args, target, per_epoch, marker = json.loads(Path(sys.argv[1]).read_text()), int(sys.argv[2]), \\
         int(sys.argv[3]), Path(sys.argv[4])
     last = Path(args["out_dir"]) / "checkpoints" / "last.pt"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from m2ost.errors import InputError
-from m2ost.learn.validation import validation_spots
+from m2ost.learn.training.validation import validation_spots
 from m2ost.plan.splits import explicit, leave_one_patient_out, leave_one_sample_out, make_splits
 
 PATIENTS = {"A": "P1", "B": "P1", "C": "P2", "D": "P3", "E": "P2"}
@@ -89,8 +89,8 @@ def test_no_held_out_spot_in_training_or_validation(study):
     the training samples, and every training spot is used exactly once."""
     from synthetic import tiny_train_cfg
 
-    from m2ost.learn.settings import train_settings
-    from m2ost.learn.validation import training_data
+    from m2ost.learn.training.identity import train_settings
+    from m2ost.learn.training.validation import training_data
 
     patients = {"A": "P1", "B": "P1", "C": "P2"}
     cfg = train_settings(tiny_train_cfg(val_fraction=0.25))

@@ -13,10 +13,10 @@ from skimage.color import rgb2hed
 from synthetic import make_sample, panel_genes
 
 from m2ost.errors import InputError
-from m2ost.learn.augment import (AUG_LENGTH, IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENTATION, augment_settings,
+from m2ost.learn.inputs.augment import (AUG_LENGTH, IMAGENET_MEAN, IMAGENET_STD, NO_AUGMENTATION, augment_settings,
                                  color_jitter, hed_jitter, prepare_batch)
-from m2ost.learn.dataset import load_sample
-from m2ost.learn.loader import SpotDataset, make_loader
+from m2ost.learn.inputs.dataset import load_sample
+from m2ost.learn.inputs.loader import SpotDataset, make_loader
 
 LOG_ADJUST = -np.log(1e-6)  # rgb2hed divides optical densities by this
 
@@ -79,7 +79,7 @@ def test_haematoxylin_moves_alone(b4_crops):
 
 
 def test_settings_and_schema_agree_and_bad_strengths_are_refused():
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "m2ost/schemas/config.schema.yaml").read_text())
     aug = schema["properties"]["train"]["properties"]["augment"]["properties"]
     assert augment_settings({"hed_jitter": aug["hed_jitter"]["default"]})["hed"] == 0.0
     assert augment_settings({"hed_jitter": 0.05})["hed"] == 0.05

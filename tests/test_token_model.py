@@ -13,15 +13,15 @@ import yaml
 from realdata import HER2ST, her2st_files, needs_her2st
 
 from m2ost.errors import InputError, StaleCheckpoint
-from m2ost.learn.encoders import load_encoder
-from m2ost.learn.feature_models import FeatureSet
-from m2ost.learn.feature_registry import FEATURE_MODELS
-from m2ost.learn.feature_train import fit_network
-from m2ost.learn.token_model import M2OST_ENCODER_DEFAULTS, M2OSTEncoder, m2ost_encoder_settings
-from m2ost.learn.validation import validation_spots
+from m2ost.learn.features.encoders import load_encoder
+from m2ost.learn.features.probes import FeatureSet
+from m2ost.learn.features.registry import FEATURE_MODELS
+from m2ost.learn.features.token_training import fit_network
+from m2ost.learn.features.token_model import M2OST_ENCODER_DEFAULTS, M2OSTEncoder, m2ost_encoder_settings
+from m2ost.learn.training.validation import validation_spots
 from m2ost.model.token_m2ost import TokenM2OST
 
-SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = Path(__file__).resolve().parents[1] / "m2ost" / "schemas" / "config.schema.yaml"
 N_SPOTS, N_GENES = 150, 30
 # small and quick: 64-px encoder input (a 2 x 2 token grid per view), a narrow network
 FAST = {"dim": 32, "heads": 2, "mlp_dim": 64, "epochs": 15, "patience": 0, "batch_size": 32, "blend_ridge": False,
@@ -112,7 +112,7 @@ def test_stage_channels_of_the_tokens_are_weighed_equally(c3_tokens):
 
 @needs_her2st
 def test_interrupted_training_resumes_to_the_same_weights(c3_tokens, tmp_path, monkeypatch):
-    import m2ost.learn.feature_train as ft
+    import m2ost.learn.features.token_training as ft
 
     train, val = c3_tokens
     cfg = {"epochs": 4, "patience": 0, "batch_size": 32, "lr": 1e-3}
@@ -156,7 +156,7 @@ TRAIN = {"seed": 7, "val_fraction": 0.2, "drop_padded": True, "device": "cpu"}
 def study_tokens(tmp_path_factory):
     from synthetic import make_study
 
-    from m2ost.learn.embeddings import write_embeddings
+    from m2ost.learn.features.embeddings import write_embeddings
 
     root = tmp_path_factory.mktemp("tokens")
     study = make_study(root / "study", n_spots=40)
@@ -171,8 +171,8 @@ def study_tokens(tmp_path_factory):
 def test_fit_reads_only_training_slides_and_scores_from_the_cache_as_from_bundles(study_tokens, tmp_path):
     import anndata
 
-    from m2ost.learn.evaluate import evaluate
-    from m2ost.learn.fit_features import fit_feature_model
+    from m2ost.learn.inference.heldout import evaluate
+    from m2ost.learn.features.fit_on_embeddings import fit_feature_model
 
     study, files = study_tokens
     out = tmp_path / "model"
@@ -194,7 +194,7 @@ def test_fit_reads_only_training_slides_and_scores_from_the_cache_as_from_bundle
     assert on_the_fly["mean"]["gene_pcc_mean"] == pytest.approx(cached["mean"]["gene_pcc_mean"], abs=1e-4)
     # The probe it averages with reads the embeddings' pooled features (output and stages), not
     # the mean token: prediction needs them, and mixes network and probe by the stored weight.
-    from m2ost.learn.embeddings import read_embeddings
+    from m2ost.learn.features.embeddings import read_embeddings
 
     state = torch.load(out / "model.pt", weights_only=True)["state"]
     assert state["ridge_input"] == "pooled" and state["ridge"] is not None
@@ -217,7 +217,7 @@ def test_token_levels_reach_the_model(study_tokens, tmp_path):
     them and records the setting (its on-the-fly encoder follows it: the test above gives the
     same predictions from bundles as from the cache); embeddings of another token_levels are
     refused."""
-    from m2ost.learn.fit_features import fit_feature_model
+    from m2ost.learn.features.fit_on_embeddings import fit_feature_model
 
     study, files = study_tokens
     settings = {"train": TRAIN, "model": {**SMALL, "token_pca": 0}, "encoder": {"input_px": 64, "token_levels": 2}}

@@ -18,16 +18,16 @@ import torch
 
 from synthetic import TINY_MODEL, poison_network_after, subprocess_env, tiny_train_cfg
 
-import m2ost.learn.distributed as D
-import m2ost.learn.trainer as T
+import m2ost.learn.training.distributed as D
+import m2ost.learn.training.trainer as T
 from m2ost.errors import InputError, TrainingDiverged
-from m2ost.learn.baselines import BASELINES
-from m2ost.learn.checkpoints import LOG_COLUMNS, read_log
-from m2ost.learn.device import resolve_device
-from m2ost.learn.fit import fit_model
-from m2ost.learn.network import gene_loss_weights, training_loss
-from m2ost.learn.predictor import load_model
-from m2ost.learn.trainer import train
+from m2ost.learn.training.baselines import BASELINES
+from m2ost.learn.training.checkpoints import LOG_COLUMNS, read_log
+from m2ost.learn.training.device import resolve_device
+from m2ost.learn.training.fit_on_views import fit_model
+from m2ost.learn.training.network import gene_loss_weights, training_loss
+from m2ost.learn.inference.predictor import load_model
+from m2ost.learn.training.trainer import train
 
 
 def _run(study, out, cfg=None, model_cfg=TINY_MODEL, samples=("A", "B"), kind="m2ost"):
@@ -118,8 +118,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import torch
     torch.set_num_threads(1)
-    import m2ost.learn.fit as F
-    import m2ost.learn.trainer as T
+    import m2ost.learn.training.fit_on_views as F
+    import m2ost.learn.training.trainer as T
     save = T.save_checkpoint
     def slow(obj, path):
         save(obj, path)
@@ -244,8 +244,8 @@ def test_baselines_fit_and_predict(study, tmp_path):
     rows = read_log(tmp_path / "ridge" / "log.csv")
     assert len(rows) == len(BASELINES["ridge"]().alphas)
     assert sum(r["chosen"] == "True" for r in rows) == 1
-    from m2ost.learn.dataset import load_samples
-    from m2ost.learn.loader import SpotDataset
+    from m2ost.learn.inputs.dataset import load_samples
+    from m2ost.learn.inputs.loader import SpotDataset
 
     for kind in ("ridge", "mean"):
         p = load_model(tmp_path / kind / "model.pt", "cpu")
@@ -256,8 +256,8 @@ def test_baselines_fit_and_predict(study, tmp_path):
 
 
 def test_evaluate_network_and_predict_bundle(ref, study, tmp_path):
-    from m2ost.learn.evaluate import evaluate
-    from m2ost.learn.predict import predict_bundle
+    from m2ost.learn.inference.heldout import evaluate
+    from m2ost.learn.inference.new_slides import predict_bundle
 
     res = evaluate(ref[0] / "model.pt", study["bundles"], study["expressions"], ["C"],
                    tmp_path / "eval", model_name="m2ost-tiny", split="loso-C", device="cpu",

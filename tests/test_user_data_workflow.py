@@ -113,7 +113,7 @@ def mean_model_file(tmp_path_factory):
     """A model trained elsewhere: the mean baseline of a synthetic study (views 55/110/220 µm, 32 px)."""
     from synthetic import make_study, tiny_train_cfg
 
-    from m2ost.learn.fit import fit_model
+    from m2ost.learn.training.fit_on_views import fit_model
 
     study = make_study(tmp_path_factory.mktemp("elsewhere"))
     out = tmp_path_factory.mktemp("model")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from m2ost import defaults
 from m2ost.cli.options import parse_pairs, parse_settings
-from m2ost.learn.embeddings import write_embeddings
-from m2ost.learn.encoders import encoder_settings, load_encoder
-from m2ost.learn.ensemble import fit_ensemble
-from m2ost.learn.evaluate import evaluate as evaluate_model
-from m2ost.learn.fit import fit_model
-from m2ost.learn.fit_features import fit_feature_model
-from m2ost.learn.predict import predict_bundle, prediction_outputs
-from m2ost.learn.predict import predict_slide as predict_one_slide
+from m2ost.learn.features.embeddings import write_embeddings
+from m2ost.learn.features.encoders import encoder_settings, load_encoder
+from m2ost.learn.inference.ensemble import fit_ensemble
+from m2ost.learn.inference.heldout import evaluate as evaluate_model
+from m2ost.learn.training.fit_on_views import fit_model
+from m2ost.learn.features.fit_on_embeddings import fit_feature_model
+from m2ost.learn.inference.new_slides import predict_bundle, prediction_outputs
+from m2ost.learn.inference.new_slides import predict_slide as predict_one_slide
 from m2ost.model.info import print_variants
 from m2ost.errors import InputError, StaleCheckpoint
 from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS, model_kind

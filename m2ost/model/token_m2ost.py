@@ -135,7 +135,7 @@ class EncoderTokenM2OST(nn.Module):
     feature map, (B, C, h, w) for CNNs or (B, n_prefix + h*w, C) for ViTs (``n_prefix`` leading
     [cls]/register tokens are dropped). The frozen part runs without gradients.
 
-    The views arrive normalised for the M2OST networks (``in_mean``/``in_std``, m2ost.learn.augment);
+    The views arrive normalised for the M2OST networks (``in_mean``/``in_std``, m2ost.learn.inputs.augment);
     they are renormalised for the encoder (``enc_mean``/``enc_std``, its own statistics) and resized
     to its ``input_px``, as the embed stage prepares them, so the untrained network sees exactly
     the tokens the frozen encoder caches. The backbone's batch norms keep their pretrained
@@ -150,7 +150,7 @@ class EncoderTokenM2OST(nn.Module):
                  enc_mean=(0.0, 0.0, 0.0), enc_std=(1.0, 1.0, 1.0), encoder_lr_scale: float = 1.0):
         super().__init__()
         self.backbone, self.net = backbone, head
-        self.encoder_lr_scale = encoder_lr_scale  # the optimiser's rate for the backbone (m2ost.learn.network)
+        self.encoder_lr_scale = encoder_lr_scale  # the optimiser's rate for the backbone (m2ost.learn.training.network)
         self.n_prefix_tokens, self.input_px = n_prefix_tokens, input_px
         self.trainable = unfreeze_last_blocks(backbone, finetune_blocks)
         # x_encoder = (x * in_std + in_mean - enc_mean) / enc_std, per channel

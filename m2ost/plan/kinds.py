@@ -7,20 +7,20 @@ may hold).
 
 Four families:
 
-- ``neural``: trained by the network loop on the bundles' views (``m2ost.learn.trainer``: torch,
+- ``neural``: trained by the network loop on the bundles' views (``m2ost.learn.training.trainer``: torch,
   GPUs, the distributed launcher, the ``model`` settings or those of its own section).
-- ``baseline``: fitted in one pass on the bundles' views (``m2ost.learn.baselines.BASELINES``).
+- ``baseline``: fitted in one pass on the bundles' views (``m2ost.learn.training.baselines.BASELINES``).
 - ``feature``: fitted on the cached pretrained-encoder embeddings of the training samples (rule
-  ``embed``; ``m2ost.learn.feature_models.FEATURE_MODELS``), evaluated and used for prediction
-  from bundles with the encoder running on the fly (``m2ost.learn.encoded``). ``input`` says what
+  ``embed``; ``m2ost.learn.features.probes.FEATURE_MODELS``), evaluated and used for prediction
+  from bundles with the encoder running on the fly (``m2ost.learn.features.encoded``). ``input`` says what
   they read from the embeddings (``pooled`` features, or the ``tokens`` grid, which the embed
   stage then stores); ``config`` names the config section passed to them as their model settings.
 - ``ensemble``: the weighted average of other kinds trained on the same split (its ``config``
-  section names them), the weights chosen on the validation spots (``m2ost.learn.ensemble``).
+  section names them), the weights chosen on the validation spots (``m2ost.learn.inference.ensemble``).
 
 Adding a kind: add a :class:`ModelKind` here; implement it in :mod:`m2ost.learn` under the same
 name; add the name to the ``models`` and ``predict.model`` enums of
-``workflow/schemas/config.schema.yaml`` (``tests/test_layout.py`` checks they match).
+``m2ost/schemas/config.schema.yaml`` (``tests/test_layout.py`` checks they match).
 """
 
 from __future__ import annotations

@@ -29,12 +29,12 @@ SUMMARY_TABLE = "results/metrics/summary.tsv"
 SUMMARY_HTML = "results/metrics/summary.html"
 SUMMARY_FIGURE = "results/metrics/per_gene_pcc.png"  # every model's per-gene PCC on every split
 
-# Inside a model's folder (m2ost.learn.fit, m2ost.learn.trainer)
+# Inside a model's folder (m2ost.learn.training.fit_on_views, m2ost.learn.training.trainer)
 MODEL_FILE = "model.pt"
 TRAINING_LOG = "log.csv"
 CHECKPOINTS = "checkpoints"
 
-# Inside an evaluation's folder (m2ost.learn.evaluate)
+# Inside an evaluation's folder (m2ost.learn.inference.heldout)
 EVALUATION_SUMMARY = "summary.json"
 EVALUATION_PREDICTIONS = "predictions.h5ad"
 EVALUATION_PER_GENE = "per_gene"

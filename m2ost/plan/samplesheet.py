@@ -136,7 +136,7 @@ def _raw_rows(path: Path) -> list[dict]:
 
 
 def sheet_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows as ``workflow/schemas/samples.schema.yaml`` describes them: every value a stripped
+    """The rows as ``m2ost/schemas/samples.schema.yaml`` describes them: every value a stripped
     string, ``format`` in lower case (as :func:`read_sample_sheet` reads them)."""
     out = []
     for row in _raw_rows(Path(path)):

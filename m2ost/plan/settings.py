@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from m2ost.plan.kinds import model_kind
 
-# The encoder settings a kind that fine-tunes the encoder is built from (m2ost.learn.finetune).
+# The encoder settings a kind that fine-tunes the encoder is built from (m2ost.learn.features.finetune).
 ENCODER_NETWORK_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs")
 
 

@@ -1,6 +1,6 @@
 """Train/test splits over samples (standard library only: the Snakefile calls it while planning).
 
-Validation spots, drawn inside the training samples, are in :mod:`m2ost.learn.validation`.
+Validation spots, drawn inside the training samples, are in :mod:`m2ost.learn.training.validation`.
 
 A split holds out whole samples (slides). Three schemes:
 

@@ -44,7 +44,7 @@ SAMPLES = {s.sample: s for s in read_sample_sheet(config["samples"], DATA_ROOT)}
 # The same check as the config's (the workflow catalog's convention); read_sample_sheet has already
 # refused what it can name by line, so this mostly documents the columns.
 for row in sheet_rows(config["samples"]):
-    validate(row, "../schemas/samples.schema.yaml")
+    validate(row, "../../m2ost/schemas/samples.schema.yaml")
 ST_SAMPLES = [name for name, s in SAMPLES.items() if s.has_expression]
 HE_SAMPLES = [name for name, s in SAMPLES.items() if not s.has_expression]
 PLAIN_SLIDES = [name for name, s in SAMPLES.items() if slide_needs_conversion(s.slide)]
@@ -281,7 +281,7 @@ def members_arg(wildcards):
 
 def train_launcher(wildcards):
     """``python``, or torchrun with one process per GPU for the neural models
-    (launch.train_processes); m2ost.learn.trainer then trains with DistributedDataParallel."""
+    (launch.train_processes); m2ost.learn.training.trainer then trains with DistributedDataParallel."""
     n = config["launch"]["train_processes"]
     if not is_neural(wildcards.model) or n == 1:
         return "python"

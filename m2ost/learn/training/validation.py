@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from m2ost.errors import InputError
-from m2ost.learn.dataset import load_samples
-from m2ost.learn.device import derive_seed
-from m2ost.learn.loader import SpotDataset
+from m2ost.learn.inputs.dataset import load_samples
+from m2ost.learn.training.device import derive_seed
+from m2ost.learn.inputs.loader import SpotDataset
 
 
 def validation_spots(n_spots: Mapping[str, int], val_fraction: float,

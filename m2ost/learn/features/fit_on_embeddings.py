@@ -18,15 +18,15 @@ import numpy as np
 
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
-from m2ost.learn.checkpoints import model_payload, save_checkpoint, write_log
-from m2ost.learn.dataset import load_samples
-from m2ost.learn.device import seed_everything
-from m2ost.learn.embeddings import read_embeddings
-from m2ost.learn.encoders import FEATURE_KEYS, encoder_settings, file_checksum, weights_path
-from m2ost.learn.feature_models import FeatureSet
-from m2ost.learn.feature_registry import FEATURE_MODELS
-from m2ost.learn.settings import model_fingerprint, train_settings
-from m2ost.learn.validation import validation_spots
+from m2ost.learn.training.checkpoints import model_payload, save_checkpoint, write_log
+from m2ost.learn.inputs.dataset import load_samples
+from m2ost.learn.training.device import seed_everything
+from m2ost.learn.features.embeddings import read_embeddings
+from m2ost.learn.features.encoders import FEATURE_KEYS, encoder_settings, file_checksum, weights_path
+from m2ost.learn.features.probes import FeatureSet
+from m2ost.learn.features.registry import FEATURE_MODELS
+from m2ost.learn.training.identity import model_fingerprint, train_settings
+from m2ost.learn.training.validation import validation_spots
 from m2ost.plan.kinds import FEATURE_KINDS
 
 log = logging.getLogger(__name__)

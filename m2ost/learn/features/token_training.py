@@ -2,13 +2,13 @@
 
 The images were encoded once (the embedding stage), so an epoch is a pass over small tensors
 held in memory: minutes on a CPU where the image network needs hours. Used by
-``m2ost_encoder`` (:mod:`m2ost.learn.token_model`).
+``m2ost_encoder`` (:mod:`m2ost.learn.features.token_model`).
 
 Augmentation with cached features: the embedding stage may store several encodings of every
 spot (the eight flips/rotations, stain jitter); ``train_x`` then has a leading axis of those
 sets and every epoch draws one set per spot. Token masking (in the network) adds to it.
 
-Reproducibility and resuming as in :mod:`m2ost.learn.train`: all randomness of epoch ``e`` comes
+Reproducibility and resuming as in :mod:`m2ost.learn.training.trainer`: all randomness of epoch ``e`` comes
 from seeds derived from ``(seed, e)``; ``checkpoints/last.pt`` is written every epoch and a
 restarted run resumes from it and ends with the same weights.
 """
@@ -30,7 +30,7 @@ import torch
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError, StaleCheckpoint, TrainingDiverged
 from m2ost.eval.metrics import mean_gene_pcc
-from m2ost.learn.device import derive_seed, seed_everything
+from m2ost.learn.training.device import derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
 

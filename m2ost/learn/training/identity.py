@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from m2ost import defaults
 from m2ost.errors import InputError
-from m2ost.learn.augment import NORMALISATION
+from m2ost.learn.inputs.augment import NORMALISATION
 
 MODEL_FORMAT = 1
 

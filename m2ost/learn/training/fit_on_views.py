@@ -9,12 +9,12 @@ from pathlib import Path
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
 from m2ost.eval.metrics import gene_pcc_by_group
-from m2ost.learn.baselines import BASELINES
-from m2ost.learn.checkpoints import model_payload, save_checkpoint, write_log
-from m2ost.learn.device import seed_everything
-from m2ost.learn.settings import model_fingerprint, train_settings
-from m2ost.learn.trainer import train
-from m2ost.learn.validation import training_data
+from m2ost.learn.training.baselines import BASELINES
+from m2ost.learn.training.checkpoints import model_payload, save_checkpoint, write_log
+from m2ost.learn.training.device import seed_everything
+from m2ost.learn.training.identity import model_fingerprint, train_settings
+from m2ost.learn.training.trainer import train
+from m2ost.learn.training.validation import training_data
 from m2ost.plan.kinds import model_kind
 
 
@@ -32,14 +32,15 @@ def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, s
     model_cfg
         Network settings for the neural kinds; ignored by the baselines.
     train_cfg
-        See :data:`m2ost.learn.settings.TRAIN_DEFAULTS`; the baselines use seed, val_fraction, drop_padded, workers.
+        See :data:`m2ost.learn.training.identity.TRAIN_DEFAULTS`; the baselines use seed, val_fraction,
+        drop_padded, workers.
 
-    Other parameters as in :func:`m2ost.learn.trainer.train`. Returns a dict of what was fitted.
+    Other parameters as in :func:`m2ost.learn.training.trainer.train`. Returns a dict of what was fitted.
     """
     spec = model_kind(kind)
     if spec.family == "feature":
         raise InputError(f"model kind '{kind}' trains on encoder embeddings: use "
-                         "m2ost.learn.fit_features.fit_feature_model (m2ost train --embeddings)")
+                         "m2ost.learn.features.fit_on_embeddings.fit_feature_model (m2ost train --embeddings)")
     if spec.views is not None:
         if views is not None and list(views) != list(spec.views):
             raise InputError(f"{kind} uses views {list(spec.views)} only, got views {list(views)}")
@@ -56,7 +57,8 @@ def fit_baseline(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
                  out_dir: str | os.PathLike, views: Sequence[int] | None = None) -> dict:
     """Fit the ``mean`` or ``ridge`` baseline on the same train/validation spots as a network."""
     if kind not in BASELINES:
-        raise InputError(f"model kind '{kind}' has no baseline implementation in m2ost.learn.baselines.BASELINES")
+        raise InputError(f"model kind '{kind}' has no baseline implementation in "
+                         "m2ost.learn.training.baselines.BASELINES")
     cfg = train_settings(train_cfg)
     cfg["augment"] = None  # baselines see the spots as they are
     seed_everything(int(cfg["seed"]))

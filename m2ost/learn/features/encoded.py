@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from m2ost.errors import InputError
-from m2ost.learn.encoders import Encoder, load_encoder, stored_settings
-from m2ost.learn.feature_models import FeatureModel
-from m2ost.learn.feature_registry import FEATURE_MODELS
+from m2ost.learn.features.encoders import Encoder, load_encoder, stored_settings
+from m2ost.learn.features.probes import FeatureModel
+from m2ost.learn.features.registry import FEATURE_MODELS
 from m2ost.plan.kinds import FEATURE_KINDS
 
 

@@ -10,14 +10,14 @@ import torch
 from tqdm.auto import tqdm
 
 from m2ost.errors import InputError
-from m2ost.learn.augment import prepare_batch
-from m2ost.learn.baselines import BASELINES
-from m2ost.learn.checkpoints import load_checkpoint
-from m2ost.learn.device import autocast, pin_memory, resolve_device
-from m2ost.learn.encoded import load_encoded
-from m2ost.learn.loader import SpotDataset, make_loader
-from m2ost.learn.network import build_network
-from m2ost.learn.settings import MODEL_FORMAT
+from m2ost.learn.inputs.augment import prepare_batch
+from m2ost.learn.training.baselines import BASELINES
+from m2ost.learn.training.checkpoints import load_checkpoint
+from m2ost.learn.training.device import autocast, pin_memory, resolve_device
+from m2ost.learn.features.encoded import load_encoded
+from m2ost.learn.inputs.loader import SpotDataset, make_loader
+from m2ost.learn.training.network import build_network
+from m2ost.learn.training.identity import MODEL_FORMAT
 from m2ost.plan.kinds import ALL_KINDS, ENSEMBLE, FEATURE_KINDS
 
 
@@ -75,7 +75,7 @@ class Predictor:
 
 
 def load_model(path: str | os.PathLike, device: str = "auto") -> Predictor:
-    """Load ``model.pt`` of any kind (see :func:`m2ost.learn.fit.fit_model`) for prediction."""
+    """Load ``model.pt`` of any kind (see :func:`m2ost.learn.training.fit_on_views.fit_model`) for prediction."""
     path = Path(path)
     if not path.exists():
         raise InputError("model file not found (train the model first)", file=path)

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
-from m2ost.learn.dataset import read_bundle_info
-from m2ost.learn.encoders import Encoder, stored_settings
+from m2ost.learn.inputs.dataset import read_bundle_info
+from m2ost.learn.features.encoders import Encoder, stored_settings
 from m2ost.provenance import provenance_json
 
 log = logging.getLogger(__name__)

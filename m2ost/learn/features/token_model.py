@@ -2,10 +2,10 @@
 
 Trained on the cached token grids of the embed stage (``encoder.tokens``, switched on by itself
 when this kind is selected), on the CPU in minutes; evaluated and used for prediction through
-m2ost.learn.encoded like every feature kind (views encoded on the fly by the same encoder).
+m2ost.learn.features.encoded like every feature kind (views encoded on the fly by the same encoder).
 The network is :class:`m2ost.model.token_m2ost.TokenM2OST`; its training loop is
-m2ost.learn.feature_train. Its settings are the ``m2ost_encoder`` section of the config
-(workflow/schemas/config.schema.yaml documents them; :data:`M2OST_ENCODER_DEFAULTS` repeats the
+m2ost.learn.features.token_training. Its settings are the ``m2ost_encoder`` section of the config
+(m2ost/schemas/config.schema.yaml documents them; :data:`M2OST_ENCODER_DEFAULTS` repeats the
 defaults for callers outside the workflow and a test checks that the two agree).
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from m2ost.errors import InputError
-from m2ost.learn.feature_models import (EncoderRidge, FeatureModel, FeatureSet, block_scale, check_blocks,
+from m2ost.learn.features.probes import (EncoderRidge, FeatureModel, FeatureSet, block_scale, check_blocks,
                                         per_sample_pcc)
-from m2ost.learn.feature_train import FIT_DEFAULTS, fit_network, predict_features
+from m2ost.learn.features.token_training import FIT_DEFAULTS, fit_network, predict_features
 from m2ost.model.token_m2ost import TokenM2OST
 
 NETWORK_KEYS = ("depth", "dim", "heads", "mlp_dim", "deformable", "token_mask_ratio", "dropout")
@@ -54,7 +54,7 @@ class M2OSTEncoder(FeatureModel):
     """TokenM2OST on the (n, V, h*w, C) tokens of all views (see the module docstring).
 
     With ``blend_ridge``, the prediction is averaged with HEST's ridge probe
-    (:class:`~m2ost.learn.feature_models.EncoderRidge`), the weight chosen on the validation spots
+    (:class:`~m2ost.learn.features.probes.EncoderRidge`), the weight chosen on the validation spots
     (1 = the network alone). The probe reads the embeddings' pooled features (the encoder's
     output and its intermediate stages, ``encoder.levels``) when the training set carries them,
     else the mean of the token grids (the output alone): on the HER2+ validation spots the

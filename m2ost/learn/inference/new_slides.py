@@ -26,9 +26,9 @@ from m2ost.data.spots import write_spots
 from m2ost.data.tiling import View, tile_slide
 from m2ost.eval.figures import plot_prediction_maps
 from m2ost.eval.maps import Tissue
-from m2ost.learn.dataset import load_sample, read_bundle_info
-from m2ost.learn.evaluate import check_bundle, gene_table, predict_sample
-from m2ost.learn.predictor import load_model
+from m2ost.learn.inputs.dataset import load_sample, read_bundle_info
+from m2ost.learn.inference.heldout import check_bundle, gene_table, predict_sample
+from m2ost.learn.inference.predictor import load_model
 from m2ost.plan.formats import slide_needs_conversion
 from m2ost.plan.settings import predict_settings
 from m2ost.provenance import provenance

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from m2ost.errors import InputError
-from m2ost.learn.finetune import build_finetune_network, is_finetune_config
+from m2ost.learn.features.finetune import build_finetune_network, is_finetune_config
 from m2ost.model import build_model
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def build_network(model_cfg: Mapping, n_genes: int, n_views: int, img_size: int,
                   pretrained: bool = True) -> torch.nn.Module:
     """The network of ``model_cfg``: M2OST (see :func:`m2ost.model.build_model`), or the
-    encoder-fed M2OST of ``m2ost_finetune`` (:mod:`m2ost.learn.finetune`; ``pretrained``: load
+    encoder-fed M2OST of ``m2ost_finetune`` (:mod:`m2ost.learn.features.finetune`; ``pretrained``: load
     its encoder's weights file). A bad setting is an InputError."""
     if is_finetune_config(model_cfg):
         return build_finetune_network(model_cfg, n_genes, n_views, pretrained)

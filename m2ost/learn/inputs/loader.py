@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from m2ost.errors import InputError
-from m2ost.learn.augment import AUG_LENGTH, NO_AUGMENTATION, augment_settings, is_active
-from m2ost.learn.dataset import SampleData, check_views
+from m2ost.learn.inputs.augment import AUG_LENGTH, NO_AUGMENTATION, augment_settings, is_active
+from m2ost.learn.inputs.dataset import SampleData, check_views
 
 
 class SpotDataset(Dataset):
@@ -28,9 +28,9 @@ class SpotDataset(Dataset):
     ``target`` the float32 expression on the panel (an empty tensor for samples without
     targets); ``aug`` the float32 (12,) augmentation drawn for this spot: rot90 count, h-flip,
     v-flip, brightness, contrast, saturation, HED alpha x 3, HED beta x 3
-    (:data:`~m2ost.learn.augment.NO_AUGMENTATION` without augmentation).
-    :func:`~m2ost.learn.augment.prepare_batch` applies it on the device, the same flip/rotation to every view of the
-    spot. Flipping 3-byte pixels on the host costs about 4 ms per spot (docs/performance.md), on
+    (:data:`~m2ost.learn.inputs.augment.NO_AUGMENTATION` without augmentation).
+    :func:`~m2ost.learn.inputs.augment.prepare_batch` applies it on the device, the same flip/rotation
+    to every view of the spot. Flipping 3-byte pixels on the host costs about 4 ms per spot (docs/performance.md), on
     the device next to nothing, and the loader then only copies bytes.
 
     Parameters
@@ -43,7 +43,7 @@ class SpotDataset(Dataset):
         (n, 2) int array of (sample number in ``data``, position in that sample), selecting the
         spots of this dataset (None = all spots of all samples).
     augment
-        See :func:`~m2ost.learn.augment.augment_settings`; None = no augmentation.
+        See :func:`~m2ost.learn.inputs.augment.augment_settings`; None = no augmentation.
     seed
         Augmentations depend on (seed, epoch, item) only; see :meth:`set_epoch`.
     """

@@ -34,10 +34,10 @@ from m2ost.eval.figures import plot_sample
 from m2ost.eval.maps import Tissue
 from m2ost.eval.metrics import MIN_SPOTS, score
 from m2ost.eval.summary import SUMMARY_METRICS, jsonable
-from m2ost.learn.dataset import SampleData, check_same_views, load_sample, read_bundle_info
-from m2ost.learn.embeddings import read_embeddings
-from m2ost.learn.loader import SpotDataset
-from m2ost.learn.predictor import Predictor, load_model
+from m2ost.learn.inputs.dataset import SampleData, check_same_views, load_sample, read_bundle_info
+from m2ost.learn.features.embeddings import read_embeddings
+from m2ost.learn.inputs.loader import SpotDataset
+from m2ost.learn.inference.predictor import Predictor, load_model
 from m2ost.plan.settings import eval_settings
 from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS
 from m2ost.provenance import provenance
@@ -78,7 +78,7 @@ def predict_from_embeddings(predictor: Predictor, data: SampleData, path) -> np.
 
     The file must come from the sample's current bundle and from the model's encoder (same
     settings and weights checksum; :func:`read_embeddings` refuses anything else), so these are
-    the features the encoder gives on the views (as m2ost.learn.encoded computes them).
+    the features the encoder gives on the views (as m2ost.learn.features.encoded computes them).
     """
     encoded = predictor.impl
     tokens = FEATURE_KINDS[predictor.kind].input == "tokens"
@@ -100,7 +100,7 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     Parameters
     ----------
     model_file
-        ``model.pt`` of any kind (see :func:`m2ost.learn.fit.fit_model`).
+        ``model.pt`` of any kind (see :func:`m2ost.learn.training.fit_on_views.fit_model`).
     bundles, expressions
         sample -> bundle / expression path; must hold ``test_samples``.
     test_samples

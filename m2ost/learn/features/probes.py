@@ -3,12 +3,12 @@
 A feature model is a small class (:class:`FeatureModel`): fitted on the features of the training
 and validation spots of the training slides (:class:`FeatureSet`), it predicts from features,
 and saves to / loads from a dict of tensors. The same class serves training (features from the
-cached embeddings, m2ost.learn.fit_features) and prediction (the views encoded on the fly by
-the same encoder, m2ost.learn.encoded), so what is evaluated is exactly what predicts new
+cached embeddings, m2ost.learn.features.fit_on_embeddings) and prediction (the views encoded on the fly by
+the same encoder, m2ost.learn.features.encoded), so what is evaluated is exactly what predicts new
 slides. ``input`` says which features it reads: ``pooled`` (n, V, D) or ``tokens``
 (n, V, h*w, C); ``views`` which of the bundle's views (None: all).
 
-:data:`FEATURE_MODELS` maps these feature kinds to their classes; m2ost.learn.feature_registry
+:data:`FEATURE_MODELS` maps these feature kinds to their classes; m2ost.learn.features.registry
 adds the kinds defined in their own modules (m2ost_encoder) and is what callers use.
 """
 
@@ -71,7 +71,7 @@ class FeatureModel:
     """Interface of a model over encoder features (subclass it and register it below).
 
     ``model_cfg`` is the model's config section (m2ost.plan.kinds: FeatureKind.config),
-    ``train_cfg`` the checked ``train`` settings (m2ost.learn.train.train_settings).
+    ``train_cfg`` the checked ``train`` settings (m2ost.learn.training.identity.train_settings).
     """
 
     kind = ""

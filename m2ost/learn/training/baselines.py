@@ -9,7 +9,7 @@
   the training spots, with the penalty chosen on the validation spots by mean per-gene Pearson.
 
 Both follow the harness interface of the neural models (:class:`Predictor`): fitted on the
-training spots of a split, they turn a :class:`~m2ost.learn.loader.SpotDataset` into an
+training spots of a split, they turn a :class:`~m2ost.learn.inputs.loader.SpotDataset` into an
 (n_spots, n_genes) array, and they are saved to and loaded from the same ``model.pt`` format.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from m2ost.learn.loader import SpotDataset, make_loader
+from m2ost.learn.inputs.loader import SpotDataset, make_loader
 from m2ost.errors import InputError
 from m2ost.eval.metrics import mean_gene_pcc
 

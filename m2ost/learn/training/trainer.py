@@ -40,16 +40,16 @@ from tqdm.auto import tqdm
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError, StaleCheckpoint, TrainingDiverged
 from m2ost.eval.metrics import gene_pcc_by_group, mean_gene_pcc
-from m2ost.learn.augment import prepare_batch
-from m2ost.learn.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
-from m2ost.learn.device import autocast, derive_seed, pin_memory, rng_state, seed_everything, set_rng_state
-from m2ost.learn.distributed import Ranks
-from m2ost.learn.loader import SpotDataset, make_loader
-from m2ost.learn.network import (build_network, gene_loss_weights, init_head_bias, lr_lambda, param_groups,
+from m2ost.learn.inputs.augment import prepare_batch
+from m2ost.learn.training.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
+from m2ost.learn.training.device import autocast, derive_seed, pin_memory, rng_state, seed_everything, set_rng_state
+from m2ost.learn.training.distributed import Ranks
+from m2ost.learn.inputs.loader import SpotDataset, make_loader
+from m2ost.learn.training.network import (build_network, gene_loss_weights, init_head_bias, lr_lambda, param_groups,
                                  training_loss)
-from m2ost.learn.predictor import predict_network
-from m2ost.learn.settings import model_fingerprint, run_parts, train_settings
-from m2ost.learn.validation import training_data
+from m2ost.learn.inference.predictor import predict_network
+from m2ost.learn.training.identity import model_fingerprint, run_parts, train_settings
+from m2ost.learn.training.validation import training_data
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def train(bundles: Mapping[str, str], expressions: Mapping[str, str], genes_file
     model_cfg
         Passed to ``m2ost.model.build_model`` (``{"variant": "tiny", ...}``).
     train_cfg
-        See :data:`m2ost.learn.settings.TRAIN_DEFAULTS`.
+        See :data:`m2ost.learn.training.identity.TRAIN_DEFAULTS`.
     out_dir
         Receives ``model.pt``, ``log.csv`` and ``checkpoints/``.
     views

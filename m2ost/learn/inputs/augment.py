@@ -3,7 +3,7 @@
 Images stay uint8 until they reach the device (a quarter of the bytes to copy); the conversion
 to float, the flips and rotations, the colour jitter and the ImageNet normalisation run there,
 in :func:`prepare_batch`. What to apply to each spot is drawn by the dataset
-(:meth:`m2ost.learn.loader.SpotDataset.aug_vector`).
+(:meth:`m2ost.learn.inputs.loader.SpotDataset.aug_vector`).
 
 Stain augmentation (HED jitter, Tellez et al. 2018, "Whole-slide mitosis detection in H&E breast
 histology using PHH3 as a reference"): each pixel's optical density is split into haematoxylin,

@@ -10,7 +10,7 @@ never on a held-out slide.
 
 ``model.pt`` holds the members with a non-zero weight in full (their own payloads), so it
 predicts new slides with no other file; predicting runs every kept member
-(m2ost.learn.evaluate.predict_sample).
+(m2ost.learn.inference.heldout.predict_sample).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import numpy as np
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
 from m2ost.eval.metrics import gene_pcc_by_group
-from m2ost.learn.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
-from m2ost.learn.dataset import load_samples
-from m2ost.learn.evaluate import predict_sample
-from m2ost.learn.feature_models import per_sample_pcc
-from m2ost.learn.predictor import predictor_from_payload
-from m2ost.learn.settings import model_fingerprint, train_settings
-from m2ost.learn.validation import validation_spots
+from m2ost.learn.training.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
+from m2ost.learn.inputs.dataset import load_samples
+from m2ost.learn.inference.heldout import predict_sample
+from m2ost.learn.features.probes import per_sample_pcc
+from m2ost.learn.inference.predictor import predictor_from_payload
+from m2ost.learn.training.identity import model_fingerprint, train_settings
+from m2ost.learn.training.validation import validation_spots
 from m2ost.plan.kinds import ENSEMBLE, ENSEMBLE_TRAIN_KEYS, FEATURE_KINDS
 
 log = logging.getLogger(__name__)

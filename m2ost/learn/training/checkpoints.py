@@ -16,8 +16,8 @@ import torch
 
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
-from m2ost.learn.augment import NORMALISATION
-from m2ost.learn.settings import MODEL_FORMAT
+from m2ost.learn.inputs.augment import NORMALISATION
+from m2ost.learn.training.identity import MODEL_FORMAT
 from m2ost.provenance import provenance
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_gene_pcc", "lr", "seconds")

@@ -1,8 +1,8 @@
 """Spots of a sample as a model sees them: bundle attributes, the spot table, targets, checks.
 
 :func:`load_sample` / :func:`load_samples` read which bundle rows a model may use and their
-targets on the gene panel; :mod:`m2ost.learn.loader` reads their images in batches and
-:mod:`m2ost.learn.augment` prepares them on the device.
+targets on the gene panel; :mod:`m2ost.learn.inputs.loader` reads their images in batches and
+:mod:`m2ost.learn.inputs.augment` prepares them on the device.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 the encoder inside the network (:class:`m2ost.model.token_m2ost.EncoderTokenM2OST`): the views
 are augmented (flips, rotations, colour and stain jitter of the ``train`` section) before the
 encoder sees them, and its last ``finetune_blocks`` stages adapt to H&E and to the gene panel.
-It is a neural kind: m2ost.learn.trainer trains it on the bundles' views like ``m2ost`` (GPU,
+It is a neural kind: m2ost.learn.training.trainer trains it on the bundles' views like ``m2ost`` (GPU,
 bf16, checkpoints, resume, DistributedDataParallel), and it predicts from views like ``m2ost``.
 
 Its model settings are the ``m2ost_finetune`` section of the config plus the encoder's
@@ -20,9 +20,9 @@ import torch
 
 from m2ost import defaults
 from m2ost.errors import InputError
-from m2ost.learn.augment import IMAGENET_MEAN, IMAGENET_STD
-from m2ost.learn.encoders import create_backbone, encoder_settings
-from m2ost.learn.token_model import NETWORK_KEYS
+from m2ost.learn.inputs.augment import IMAGENET_MEAN, IMAGENET_STD
+from m2ost.learn.features.encoders import create_backbone, encoder_settings
+from m2ost.learn.features.token_model import NETWORK_KEYS
 from m2ost.model.token_m2ost import EncoderTokenM2OST, TokenM2OST
 from m2ost.plan.settings import ENCODER_NETWORK_KEYS
 

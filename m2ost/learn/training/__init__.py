@@ -1,0 +1,1 @@
+"""Training: devices and seeds, the network loop, checkpoints, baselines, fitting a kind on the views."""
