@@ -21,7 +21,7 @@ from realdata import SVS, her2st_files, needs_her2st, needs_svs
 from robustness_helpers import cli_in_process
 
 from m2ost import defaults
-from m2ost.learn.training.identity import TRAIN_DEFAULTS, train_settings
+from m2ost.learn.training.identity import train_settings
 from m2ost.plan.settings import eval_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def _ok(argv, capsys):
 
 def test_the_package_reads_the_schema_as_snakemake_fills_it(workflow_config):
     assert defaults.config_defaults() == {k: v for k, v in workflow_config.items() if k != "samples"}
-    assert workflow_config["train"] == TRAIN_DEFAULTS
+    assert workflow_config["train"] == defaults.section("train")
     assert train_settings({}) == train_settings(None) == workflow_config["train"]
     assert train_settings({"epochs": 3})["epochs"] == 3 and train_settings({"patience": 0})["patience"] == 0
 

@@ -10,7 +10,7 @@ import yaml
 from realdata import REPO, needs_her2st
 
 from m2ost.errors import InputError
-from m2ost.learn.features.encoders import (DEFAULT_WEIGHTS, ENCODER_DEFAULTS, default_weights_file, encoder_settings,
+from m2ost.learn.features.encoders import (DEFAULT_WEIGHTS, default_weights_file, encoder_settings,
                                   load_encoder, stored_settings)
 
 SCHEMA = REPO / "m2ost/schemas/config.schema.yaml"
@@ -32,7 +32,14 @@ def lite0():
 
 def test_schema_defaults_are_the_encoder_defaults():
     props = yaml.safe_load(SCHEMA.read_text())["properties"]["encoder"]["properties"]
-    assert {k: v.get("default") for k, v in props.items()} == ENCODER_DEFAULTS
+    assert encoder_settings(None) == {k: v.get("default") for k, v in props.items()}
+    assert DEFAULT_WEIGHTS == props["weights"]["default"]
+    with pytest.raises(InputError, match=r"encoder\.input_px must be >= 16, got 8"):
+        encoder_settings({"input_px": 8})
+    with pytest.raises(InputError, match=r"encoder\.std\[1\] must be > 0"):
+        encoder_settings({"std": [0.5, 0, 0.5]})
+    with pytest.raises(InputError, match=r"encoder\.mean needs at least 3 values"):
+        encoder_settings({"mean": [0.5, 0.5]})
 
 
 @needs_her2st
@@ -203,7 +210,7 @@ def test_user_checkpoint_with_prefix_and_classifier_loads(tmp_path):
 
 
 def test_unknown_settings_and_architectures_are_refused():
-    with pytest.raises(InputError, match="unknown encoder settings: colour"):
+    with pytest.raises(InputError, match=r"unknown setting encoder\.colour"):
         encoder_settings({"colour": 1})
     with pytest.raises(InputError, match="cannot be built by timm"):
         load_encoder({"name": "no_such_net_v9"}, "cpu")

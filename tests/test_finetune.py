@@ -26,7 +26,7 @@ from m2ost.learn.training.fit_on_views import fit_model
 from m2ost.learn.inputs.loader import SpotDataset
 from m2ost.learn.training.network import param_groups
 from m2ost.learn.inference.predictor import load_model
-from m2ost.learn.features.token_model import M2OST_ENCODER_DEFAULTS, NETWORK_KEYS
+from m2ost.learn.features.token_model import NETWORK_KEYS
 from m2ost.plan.settings import train_settings
 
 N_SPOTS, N_GENES = 150, 30
@@ -40,8 +40,8 @@ def test_settings_come_from_the_schema_and_share_the_token_network_defaults():
     schema = yaml.safe_load(defaults.schema_path().read_text())["properties"]
     section = schema["m2ost_finetune"]["properties"]
     assert finetune_settings(None) == {k: v["default"] for k, v in section.items()}
-    assert {k: section[k]["default"] for k in NETWORK_KEYS} == {k: M2OST_ENCODER_DEFAULTS[k] for k in NETWORK_KEYS}
-    with pytest.raises(InputError, match="unknown m2ost_finetune settings: depht"):
+    assert {k: section[k]["default"] for k in NETWORK_KEYS} == {k: defaults.section("m2ost_encoder")[k] for k in NETWORK_KEYS}
+    with pytest.raises(InputError, match=r"unknown setting m2ost_finetune\.depht"):
         finetune_settings({"depht": 2})
     # the workflow gives the kind its section, the encoder that defines the network, and the
     # training section; not the settings of how embeddings are stored

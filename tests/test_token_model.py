@@ -17,7 +17,7 @@ from m2ost.learn.features.encoders import load_encoder
 from m2ost.learn.features.probes import FeatureSet
 from m2ost.learn.features.registry import FEATURE_MODELS
 from m2ost.learn.features.token_training import fit_network
-from m2ost.learn.features.token_model import M2OST_ENCODER_DEFAULTS, M2OSTEncoder, m2ost_encoder_settings
+from m2ost.learn.features.token_model import M2OSTEncoder, m2ost_encoder_settings
 from m2ost.learn.training.validation import validation_spots
 from m2ost.model.token_m2ost import TokenM2OST
 
@@ -30,14 +30,14 @@ FAST = {"dim": 32, "heads": 2, "mlp_dim": 64, "epochs": 15, "patience": 0, "batc
 
 def test_defaults_agree_with_the_config_schema():
     schema = yaml.safe_load(SCHEMA.read_text())["properties"]["m2ost_encoder"]["properties"]
-    assert {k: v["default"] for k, v in schema.items()} == M2OST_ENCODER_DEFAULTS
+    assert {k: v["default"] for k, v in schema.items()} == m2ost_encoder_settings(None)
     assert FEATURE_MODELS["m2ost_encoder"] is M2OSTEncoder
-    with pytest.raises(InputError, match="unknown m2ost_encoder settings: depht"):
+    with pytest.raises(InputError, match=r"unknown setting m2ost_encoder\.depht"):
         m2ost_encoder_settings({"depht": 3})
     with pytest.raises(InputError, match="finetune_blocks"):
         m2ost_encoder_settings({"finetune_blocks": 2})
     # models saved before m2ost_finetune existed record finetune_blocks 0: they still load
-    assert m2ost_encoder_settings({"finetune_blocks": 0, "depth": 3}) == {**M2OST_ENCODER_DEFAULTS, "depth": 3}
+    assert m2ost_encoder_settings({"finetune_blocks": 0, "depth": 3}) == {**m2ost_encoder_settings(None), "depth": 3}
 
 
 @pytest.fixture(scope="module")

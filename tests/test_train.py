@@ -217,7 +217,7 @@ def test_single_view_model_and_bad_settings(study, tmp_path):
     res = _run(study, tmp_path / "single", tiny_train_cfg(epochs=1), kind="m2ost_single")
     meta = torch.load(res["model_file"], weights_only=True)
     assert meta["views"] == [0] and meta["kind"] == "m2ost_single"
-    with pytest.raises(InputError, match="unknown training settings: epoch"):
+    with pytest.raises(InputError, match=r"unknown setting train\.epoch"):
         _run(study, tmp_path / "x", {"epoch": 3})
     with pytest.raises(InputError, match="model configuration rejected"):
         _run(study, tmp_path / "y", model_cfg={"variant": "nope"})

@@ -53,18 +53,20 @@ def _train(args) -> None:
                           args.out_dir)
         return
     spec = model_kind(args.kind)
-    model = defaults.merged(spec.config or "model", settings.get("model"))
+    model = dict(settings.get("model") or {})
+    encoder = model.pop("encoder", None)
+    model = defaults.settings(spec.config or "model", model)
     if spec.encoder_weights:  # the encoder's settings in full: they identify the trained network
-        encoder = defaults.merged("encoder", model.get("encoder"))
-        model["encoder"] = {k: encoder[k] for k in ENCODER_NETWORK_KEYS}
+        model["encoder"] = {k: v for k, v in encoder_settings(encoder).items() if k in ENCODER_NETWORK_KEYS}
     fit_model(args.kind, parse_pairs(args.bundle, "--bundle"), expressions, args.genes, list(expressions),
               model, settings.get("train", {}), args.out_dir)
 
 
 def embed(args) -> None:
     settings = parse_settings(args.settings)
-    cfg = encoder_settings(settings.get("encoder"))
-    encoder = load_encoder(cfg, settings.get("device", "auto"))
+    device = settings["device"] if "device" in settings else defaults.section("train")["device"]
+    encoder = load_encoder(settings.get("encoder"), device)  # the one merge and check of the settings
+    cfg = encoder.settings
     write_embeddings(encoder, args.bundle, args.out, sample=args.sample, tokens=bool(cfg["tokens"]),
                      batch_size=args.batch_size or int(cfg["batch_size"]), progress=True)
     log.info("embeddings of %s written to %s", args.sample, args.out)

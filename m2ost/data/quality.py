@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from m2ost import defaults
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 
@@ -18,7 +19,7 @@ COLUMNS = ["sample", "spots_in_table", "spots_kept", "dropped_no_counts", "dropp
            "count_rows_without_spot", "median_library_size", "genes_detected", "warning"]
 # A section whose median library size is under this fraction of the cohort's median is flagged
 # (the public HER2+ section B4: 661 counts against 8.5k-12.6k for the C sections).
-LOW_LIBRARY_FRACTION = 0.2
+LOW_LIBRARY_FRACTION = defaults.section("expression")["low_library_fraction"]
 
 
 def read_quality(path, sample: str) -> dict:

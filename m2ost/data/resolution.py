@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from m2ost import defaults
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ ARRAY_PITCH_UM = {"legacy_st": 200.0, "visium": 100.0}
 # No capture area of a real array is wider than this (Visium 6.5 mm, legacy ST about 6.5 mm).
 MAX_CAPTURE_AREA_UM = 8000.0
 # Default plausible range of µm per pixel (slides.mpp_range): from 200x scans to a 30 µm/px thumbnail.
-MPP_RANGE = (0.05, 30.0)
+MPP_RANGE = tuple(defaults.section("slides")["mpp_range"])
 # Relative disagreement between two resolution sources above which all are reported.
 MPP_DISAGREEMENT = 0.10
 

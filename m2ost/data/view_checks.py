@@ -6,12 +6,13 @@ import logging
 
 import numpy as np
 
+from m2ost import defaults
 from m2ost.errors import InputError
 
 log = logging.getLogger(__name__)
 
 # Default of tiling.max_upscale: a sample whose every view is enlarged more than this is refused.
-MAX_UPSCALE = 4.0
+MAX_UPSCALE = defaults.section("tiling")["max_upscale"]
 
 
 def check_upscaling(sample: str, plans, mpp: float, *, max_upscale: float = MAX_UPSCALE,

@@ -32,7 +32,8 @@ from m2ost.errors import InputError
 # The training settings that a baseline uses (which spots it fits on, and how they are read):
 # a change of any other training setting must not refit it.
 BASELINE_TRAIN_KEYS = ("seed", "val_fraction", "drop_padded", "workers")
-# A feature model's spots: the same training/validation draw as every other kind.
+# A feature model's spots: the same training/validation draw as every other kind (its own
+# training settings, m2ost_encoder's, are in its config section).
 FEATURE_TRAIN_KEYS = ("seed", "val_fraction", "drop_padded")
 # An ensemble's validation spots must be those its members held out: the same draw settings.
 ENSEMBLE_TRAIN_KEYS = FEATURE_TRAIN_KEYS
@@ -44,7 +45,8 @@ class ModelKind:
     """One model kind.
 
     ``family``: ``neural``, ``baseline``, ``feature`` or ``ensemble`` (module docstring).
-    ``train_keys``: the ``train`` settings it uses (None = all of them).
+    ``train_keys``: the ``train`` settings it uses (None = all of them): its ``train`` job gets
+    only these, so a change of another one does not refit it.
     ``views``: the views it always uses (None = every view of the bundle).
     ``input``: for feature kinds, what they read from the embeddings.
     ``config``: the config section holding its model settings (None: ``model`` for the neural
@@ -78,7 +80,8 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
     ModelKind("encoder_ridge_v0", "feature", "HEST-Benchmark probe on the encoder features of view 0",
               train_keys=FEATURE_TRAIN_KEYS, input="pooled"),
     ModelKind("m2ost_encoder", "feature", "M2OST over the encoder's token grids of the views (deformable: coarser "
-              "views also carry the finer views' tokens)", input="tokens", config="m2ost_encoder"),
+              "views also carry the finer views' tokens)", train_keys=FEATURE_TRAIN_KEYS, input="tokens",
+              config="m2ost_encoder"),
     ModelKind("m2ost_finetune", "neural", "M2OST over the encoder's token grids as m2ost_encoder, the encoder running "
               "on the views and its last stages fine-tuned (a GPU job)", config="m2ost_finetune",
               encoder_weights=True),

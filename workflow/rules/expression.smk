@@ -20,7 +20,7 @@ rule expression:
         mem_mb=4000,
     params:
         fmt=lambda w: SAMPLES[w.sample].format,
-        settings=as_json(config["expression"]),
+        settings=as_json(expression_settings(config)),
     shell:
         "python -m m2ost expression --sample {wildcards.sample} --format {params.fmt} --counts {input.counts:q} "
         "--spots {input.spots:q} --slide-info {input.info:q} --settings {params.settings:q} --out {output:q} 2> {log}"
@@ -30,7 +30,7 @@ rule panel:
     input:
         train=lambda w: expression_files(split_samples(w.split)[0]),
         other=lambda w: expression_files(split_samples(w.split)[1]),
-        genes=panel_settings()["list_file"] or [],
+        genes=panel_settings(config)["list_file"] or [],
     output:
         outputs.PANEL,
     log:
@@ -40,7 +40,7 @@ rule panel:
     params:
         train=lambda w: pairs(split_samples(w.split)[0], "expression"),
         other=lambda w: pairs(split_samples(w.split)[1], "expression"),
-        settings=as_json(panel_settings()),
+        settings=as_json(panel_settings(config)),
     shell:
         "python -m m2ost panel --train {params.train} --other {params.other} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"
@@ -57,7 +57,7 @@ rule data_summary:
         "../../envs/expression.yaml"
     params:
         expression=pairs(ST_SAMPLES, "expression"),
-        low=config["expression"]["low_library_fraction"],
+        low=data_summary_settings(config)["low_library_fraction"],
     shell:
         "python -m m2ost data-summary --expression {params.expression} --low-fraction {params.low} "
         "--out {output:q} 2> {log}"

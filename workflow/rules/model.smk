@@ -18,7 +18,7 @@ rule embed:
         mem_mb=8000,
         runtime=120,
     params:
-        settings=as_json({"encoder": encoder_config(), "device": config["train"]["device"]}),
+        settings=as_json(embed_settings(config)),
     shell:
         "python -m m2ost embed --bundle {input.bundle:q} --sample {wildcards.sample} --settings {params.settings:q} "
         "--out {output:q} 2> {log}"
@@ -50,7 +50,7 @@ rule train:
         embeddings=embeddings_arg,
         members=members_arg,
         settings=lambda w: as_json(train_settings(w.model, config)),
-        launcher=train_launcher,
+        launcher=lambda w: train_launcher(w.model, config),
         out_dir=lambda w, output: os.path.dirname(output[0]),
     shell:
         "{params.launcher} -m m2ost train --kind {wildcards.model} --bundle {params.bundles} --expression {params.expression} "
@@ -131,24 +131,6 @@ rule summary:
     shell:
         "python -m m2ost summary {input.summaries:q} --out {output.table:q} --html {output.html:q} "
         "--png {output.png:q} 2> {log}"
-
-
-rule grid_spots:
-    input:
-        info=outputs.SLIDE_INFO,
-    output:
-        outputs.SPOTS,
-    log:
-        "logs/grid_spots/{sample}.log",
-    wildcard_constraints:
-        sample=_alternatives(HE_SAMPLES),
-    conda:
-        "../../envs/slides.yaml"
-    params:
-        settings=as_json(grid_settings(config)),
-    shell:
-        "python -m m2ost grid-spots --sample {wildcards.sample} --slide-info {input.info:q} --settings {params.settings:q} "
-        "--out {output:q} 2> {log}"
 
 
 rule predict:

@@ -1,4 +1,4 @@
-# Spot tables, slide preparation and multi-view tiling into HDF5 bundles.
+# Spot tables, slide preparation, multi-view tiling into HDF5 bundles, and the spot grid of H&E-only slides.
 
 
 rule spots:
@@ -14,7 +14,7 @@ rule spots:
         "../../envs/slides.yaml"
     params:
         fmt=lambda w: SAMPLES[w.sample].format,
-        flag="" if config["spots"]["in_tissue_only"] else "--keep-off-tissue",
+        flag=spots_flag(config),
         scalefactors=scalefactors_arg,
         geometry=geometry_args,
     shell:
@@ -59,7 +59,7 @@ rule convert_slide:
     params:
         args=prepare_args,
         mpp=lambda w: SAMPLES[w.sample].mpp,
-        settings=as_json(config["slides"]),
+        settings=as_json(convert_settings(config)),
     shell:
         "python -m m2ost convert-slide --sample {wildcards.sample} --slide {input.slide:q} {params.args} "
         "--converted {output.pyramid:q} --settings {params.settings:q} --out {output.info:q} 2> {log}"
@@ -87,3 +87,21 @@ rule tile:
     shell:
         "python -m m2ost tile --sample {wildcards.sample} --slide-info {input.info:q} --spots {input.spots:q} "
         "--settings {params.settings:q} --workers {threads} --no-progress --out {output:q} 2> {log}"
+
+
+rule grid_spots:
+    input:
+        info=outputs.SLIDE_INFO,
+    output:
+        outputs.SPOTS,
+    log:
+        "logs/grid_spots/{sample}.log",
+    wildcard_constraints:
+        sample=_alternatives(HE_SAMPLES),
+    conda:
+        "../../envs/slides.yaml"
+    params:
+        settings=as_json(grid_settings(config)),
+    shell:
+        "python -m m2ost grid-spots --sample {wildcards.sample} --slide-info {input.info:q} --settings {params.settings:q} "
+        "--out {output:q} 2> {log}"

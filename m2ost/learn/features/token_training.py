@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2ost import defaults
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError, StaleCheckpoint, TrainingDiverged
 from m2ost.eval.metrics import mean_gene_pcc
@@ -34,30 +35,24 @@ from m2ost.learn.training.device import derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
-FIT_DEFAULTS = {
-    "epochs": 16,
-    "batch_size": 64,
-    "lr": 5e-4,
-    "weight_decay": 0.05,
-    "warmup_epochs": 2,
-    "patience": 5,            # epochs without a better validation PCC before stopping; 0 = never
-    "seed": 0,
-    "standardize_targets": True,  # fit per-gene z-scores (genes weigh alike in the loss)
-    "grad_clip": 1.0,
-}
+# The settings of the training loop: keys of the ``m2ost_encoder`` section (its defaults) and
+# ``seed`` (the ``train`` section's).
+FIT_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "patience",
+            "standardize_targets", "grad_clip")
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "val_gene_pcc", "lr", "seconds")
 
 
 def fit_settings(cfg: Mapping | None) -> dict:
-    """``cfg`` over :data:`FIT_DEFAULTS`; unknown keys are an error."""
-    out = dict(FIT_DEFAULTS)
-    unknown = sorted(set(cfg or {}) - set(out))
+    """``cfg`` (:data:`FIT_KEYS` and ``seed``) over the schema's defaults, checked; unknown keys
+    are an error."""
+    cfg = dict(cfg or {})
+    seed = defaults.settings("train", {"seed": cfg.pop("seed")} if "seed" in cfg else {})["seed"]
+    unknown = sorted(set(cfg) - set(FIT_KEYS))
     if unknown:
-        raise InputError(f"unknown m2ost_encoder training settings: {', '.join(unknown)}")
-    out.update(cfg or {})
-    if int(out["epochs"]) < 1 or int(out["batch_size"]) < 1 or float(out["lr"]) <= 0:
-        raise InputError("m2ost_encoder training needs epochs >= 1, batch_size >= 1, lr > 0")
-    return out
+        raise InputError(f"unknown m2ost_encoder training settings: {', '.join(unknown)} "
+                         f"(it takes {', '.join(FIT_KEYS)}, seed)")
+    out = defaults.settings("m2ost_encoder", cfg)
+    return {**{k: out[k] for k in FIT_KEYS}, "seed": seed}
 
 
 def group_pcc(truth: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> float:
@@ -124,7 +119,7 @@ def fit_network(build: Callable[[], torch.nn.Module], train_x: np.ndarray, train
         (n_val, ...) un-augmented features of the validation spots (of the training samples)
         and their sample numbers: the validation PCC is the mean over samples.
     cfg
-        See :data:`FIT_DEFAULTS`.
+        :data:`FIT_KEYS` and ``seed`` (:func:`fit_settings`).
     out_dir
         Receives ``log.csv`` and ``checkpoints/last.pt`` (resume) when given.
 

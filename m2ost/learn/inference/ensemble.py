@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2ost import defaults
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
 from m2ost.eval.metrics import gene_pcc_by_group
@@ -114,7 +115,7 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     settings = dict(settings or {})
     ens_cfg = dict(settings.get("model") or {})
     cfg = train_settings(settings.get("train"))
-    step = float(ens_cfg.get("step", 0.1))
+    step = float(defaults.settings(ENSEMBLE, ens_cfg)["step"])
     genes = read_gene_list(genes_file)
     names = list(member_files)
     if not names:

@@ -62,7 +62,7 @@ def augment_settings(cfg: Mapping | bool | None) -> dict:
         if not 0.0 <= s < 1.0:
             raise InputError(f"color_jitter {k} must be in [0, 1), got {s}")
         out[k] = s
-    out["hed"] = float(cfg.get("hed_jitter", 0.0) or 0.0)
+    out["hed"] = float(cfg.get("hed_jitter") or 0.0)  # absent: off
     if not 0.0 <= out["hed"] < 1.0:
         raise InputError(f"hed_jitter must be in [0, 1), got {out['hed']}")
     return out

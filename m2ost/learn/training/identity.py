@@ -7,21 +7,15 @@ checkpoint was written with (:func:`run_parts`).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
 from m2ost import defaults
-from m2ost.errors import InputError
 from m2ost.learn.inputs.augment import NORMALISATION
 
 MODEL_FORMAT = 1
 
-# The ``train`` section of the workflow's config schema, which documents each key (patience 0 =
-# never stop early; grad_clip 0 = no clipping; eval_batch_size 0 = twice batch_size; scheduler
-# "cosine" with linear warm-up, or "none").
-TRAIN_DEFAULTS = defaults.section("train")
 # Settings that do not change the optimisation path of the epochs already run: a checkpoint
 # may resume under new values of these (e.g. more patience). ``epochs`` joins them when there is
 # no schedule, since then the first k epochs do not depend on the total (a run can be extended);
@@ -30,20 +24,9 @@ RESUME_NEUTRAL = ("workers", "device", "progress", "eval_batch_size", "patience"
 
 
 def train_settings(train_cfg: Mapping | None) -> dict:
-    """``train_cfg`` over :data:`TRAIN_DEFAULTS`, checked. Unknown keys are an error."""
-    cfg = copy.deepcopy(TRAIN_DEFAULTS)
-    unknown = sorted(set(train_cfg or {}) - set(cfg))
-    if unknown:
-        raise InputError(f"unknown training settings: {', '.join(unknown)}")
-    cfg.update(train_cfg or {})
-    for key in ("epochs", "batch_size"):
-        if int(cfg[key]) < 1:
-            raise InputError(f"training setting {key} must be >= 1, got {cfg[key]}")
-    if cfg["scheduler"] not in ("cosine", "none", None):
-        raise InputError(f"scheduler must be 'cosine' or 'none', got {cfg['scheduler']!r}")
-    if float(cfg["lr"]) <= 0:
-        raise InputError(f"lr must be positive, got {cfg['lr']}")
-    return cfg
+    """``train_cfg`` over the ``train`` section's defaults, checked against the config schema
+    (m2ost.defaults.settings: unknown keys, types and ranges are errors)."""
+    return defaults.settings("train", train_cfg)
 
 
 def digest(obj) -> str:
