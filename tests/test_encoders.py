@@ -33,7 +33,7 @@ def lite0():
 def test_schema_defaults_are_the_encoder_defaults():
     props = yaml.safe_load(SCHEMA.read_text())["properties"]["encoder"]["properties"]
     assert encoder_settings(None) == {k: v.get("default") for k, v in props.items()}
-    assert DEFAULT_WEIGHTS == props["weights"]["default"]
+    assert props["weights"]["default"] == DEFAULT_WEIGHTS
     with pytest.raises(InputError, match=r"encoder\.input_px must be >= 16, got 8"):
         encoder_settings({"input_px": 8})
     with pytest.raises(InputError, match=r"encoder\.std\[1\] must be > 0"):

@@ -40,7 +40,8 @@ def test_settings_come_from_the_schema_and_share_the_token_network_defaults():
     schema = yaml.safe_load(defaults.schema_path().read_text())["properties"]
     section = schema["m2ost_finetune"]["properties"]
     assert finetune_settings(None) == {k: v["default"] for k, v in section.items()}
-    assert {k: section[k]["default"] for k in NETWORK_KEYS} == {k: defaults.section("m2ost_encoder")[k] for k in NETWORK_KEYS}
+    token_network = defaults.section("m2ost_encoder")
+    assert {k: section[k]["default"] for k in NETWORK_KEYS} == {k: token_network[k] for k in NETWORK_KEYS}
     with pytest.raises(InputError, match=r"unknown setting m2ost_finetune\.depht"):
         finetune_settings({"depht": 2})
     # the workflow gives the kind its section, the encoder that defines the network, and the

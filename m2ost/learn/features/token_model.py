@@ -69,7 +69,7 @@ class M2OSTEncoder(FeatureModel):
     def fit(self, train, val, out_dir=None) -> list[dict]:
         if train.x.ndim != 4:
             raise InputError(f"{self.kind} needs token grids (n, V, h*w, C), got shape {train.x.shape}")
-        seed = int(defaults.settings("train", {"seed": self.train_cfg["seed"]} if "seed" in self.train_cfg else {})["seed"])
+        seed = int(defaults.settings("train", {k: v for k, v in self.train_cfg.items() if k == "seed"})["seed"])
         self._fit_token_scale(train.x, tuple(train.token_blocks), seed)
         self._fit_pca(train.x, seed)
         train_x, val_x = self._project(train.x), self._project(val.x)
