@@ -9,6 +9,8 @@ defaults as Snakemake fills them.
 from __future__ import annotations
 
 import json
+
+import yaml
 from pathlib import Path
 
 import anndata
@@ -136,3 +138,119 @@ def test_expression_and_panel_without_settings(tmp_path, capsys, workflow_config
     panel = tmp_path / "genes.txt"
     _ok(["panel", "--train", f"B4={out}", "--out", panel], capsys)
     assert len(panel.read_text().split()) == workflow_config["panel"]["n_genes"]
+
+
+# --------------------------------------------------------------------------- one place for each default
+
+# Literals in the package that equal a schema default next to its key without restating it.
+NOT_DEFAULTS = {
+    ("m2ost/data/demo/params.py", "spot_diameter_um"): "the demo cohort simulates Visium, whose spots are 55 µm",
+    ("m2ost/learn/inference/heldout.py", "drop_padded"): "held-out samples are scored on every spot",
+    ("m2ost/learn/inference/new_slides.py", "drop_padded"): "new slides are predicted on every spot",
+    ("m2ost/learn/inputs/augment.py", "flip"): "the library's augment=True shorthand (the config's is an object)",
+    ("m2ost/learn/inputs/augment.py", "rot90"): "the library's augment=True shorthand",
+    ("m2ost/model/m2ost.py", "enabled"): "torch.autocast's argument",
+    ("m2ost/model/variants.py", "depth"): "the size of the network variant tiny",
+}
+
+
+def _schema_defaults(schema: dict, prefix: str = ""):
+    """(dotted key, key, default, schema) of every setting with a default, nested ones too."""
+    for key, sub in schema.get("properties", {}).items():
+        if "default" in sub and sub["default"] not in ({}, []):
+            yield f"{prefix}{key}", key, sub["default"], sub
+        yield from _schema_defaults(sub, f"{prefix}{key}.")
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return type(a) in (int, float, str, bool, type(None)) and a == b
+
+
+def restated_defaults(root: Path) -> list[tuple[str, str, str]]:
+    """(file:line, key, the schema key) of every literal in ``root``'s package that pairs a config
+    key with its schema default (a dict entry, ``.get(key, value)``, a keyword argument, an
+    assignment ``KEY = value``), and of every long string default written out in the package or
+    the rules (enum values are names the code compares against and are not counted)."""
+    import ast
+
+    schema = yaml.safe_load((root / "m2ost" / "schemas" / "config.schema.yaml").read_text())
+    by_key: dict[str, list] = {}
+    strings = {}
+    for dotted, key, default, sub in _schema_defaults(schema):
+        by_key.setdefault(key, []).append((dotted, default))
+        if isinstance(default, str) and len(default) >= 12 and "enum" not in sub:
+            strings[default] = dotted
+    hits = []
+
+    def pair(where, key, node):
+        try:
+            value = ast.literal_eval(node)
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            return
+        hits.extend((where(node), key, dotted) for dotted, d in by_key.get(key, ()) if _equal(value, d))
+
+    for path in sorted((root / "m2ost").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        where = lambda node, rel=rel: f"{rel}:{node.lineno}"  # noqa: E731
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Dict):
+                for k, v in zip(node.keys, node.values):
+                    if isinstance(k, ast.Constant) and isinstance(k.value, str):
+                        pair(where, k.value, v)
+            elif isinstance(node, ast.Call):
+                if (isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop", "setdefault")
+                        and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)):
+                    pair(where, node.args[0].value, node.args[1])
+                for kw in node.keywords:
+                    if kw.arg:
+                        pair(where, kw.arg, kw.value)
+            elif isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        pair(where, target.id.lower(), node.value)
+            elif isinstance(node, ast.Constant) and node.value in strings:
+                hits.append((where(node), node.value, strings[node.value]))
+    for path in sorted((root / "workflow").rglob("*.smk")) + [root / "Snakefile"]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            hits += [(f"{path.relative_to(root).as_posix()}:{n}", s, d) for s, d in strings.items() if s in line]
+    return hits
+
+
+def test_no_default_is_restated_in_the_package():
+    """Every default is written once, in the schema: the package reads it from there (m2ost.defaults)."""
+    hits = [h for h in restated_defaults(REPO) if (h[0].split(":")[0], h[1]) not in NOT_DEFAULTS]
+    assert not hits, "defaults restated (read them through m2ost.defaults instead):\n" + "\n".join(
+        f"  {where}: {key} restates {dotted}" for where, key, dotted in hits)
+    assert all(reason for reason in NOT_DEFAULTS.values())
+
+
+def test_the_settings_helper_merges_and_checks_from_the_schema():
+    from m2ost.errors import InputError
+
+    got = defaults.settings("train", {"lr": 0.001, "augment": {"flip": False}})
+    assert got["lr"] == 0.001 and got["epochs"] == defaults.section("train")["epochs"]
+    assert got["augment"] == {**defaults.section("train")["augment"], "flip": False}  # nested: key by key
+    refused = [("train", {"epoch": 3}, r"unknown setting train\.epoch \(train takes epochs, "),
+               ("train", {"augment": {"blur": 1}}, r"unknown setting train\.augment\.blur"),
+               ("train", {"lr": 0}, r"setting train\.lr must be > 0, got 0"),
+               ("train", {"val_fraction": 1}, r"train\.val_fraction must be < 1"),
+               ("train", {"epochs": 2.5}, r"train\.epochs must be of type integer"),
+               ("train", {"epochs": True}, r"train\.epochs must be of type integer"),
+               ("train", {"scheduler": "step"}, r"train\.scheduler must be one of cosine, none"),
+               ("train", {"device": "gpu"}, r"train\.device must match"),
+               ("slides", {"jpeg_quality": 101}, r"slides\.jpeg_quality must be <= 100"),
+               ("slides", {"mpp_range": [0.1]}, r"slides\.mpp_range needs at least 2 values"),
+               ("encoder", {"mean": [0.5] * 4}, r"encoder\.mean takes at most 3 values"),
+               ("encoder", {"std": [0.5, -1, 0.5]}, r"encoder\.std\[1\] must be > 0"),
+               ("ensemble", {"members": ["ridge", "ridge"]}, r"ensemble\.members must not repeat"),
+               ("ensemble", {"members": ["lasso"]}, r"ensemble\.members\[0\] must be one of")]
+    for section, given, message in refused:
+        with pytest.raises(InputError, match=message):
+            defaults.settings(section, given, where="run.json")
+    with pytest.raises(InputError, match=r"^\[file run\.json\] "):
+        defaults.settings("train", {"lr": 0}, where="run.json")
+    assert defaults.settings("encoder", {"mpp": 0.5, "kwargs": {"any": 1}})["kwargs"] == {"any": 1}
