@@ -164,40 +164,49 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
     """
     info = read_bundle_info(bundle, sample)
     views = check_views(views, info, bundle, sample)
+    name = sample or info["sample"]
+    barcodes, centers, padded = _spot_table(bundle, info["n_views"])
+    rows, targets = _rows_and_targets(expression, genes, barcodes, sample)
+    spots = (rows, barcodes[rows], centers[rows], padded[rows][:, views], targets)
+    if drop_padded:
+        spots = _drop_padded(*spots, name, views)
+    rows, spot_ids, centers, padded, targets = spots
+    if verify:
+        verify_rows(bundle, rows, name)
+    return SampleData(sample=name, bundle=str(bundle), rows=rows, spot_ids=spot_ids, centers=centers,
+                      padded=padded, targets=targets, info=info)
+
+
+def _spot_table(bundle: str | os.PathLike, n_views: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(spot ids, centres, padded flags (n, n_views)) of every row of a bundle."""
     with h5py.File(bundle, "r") as f:
         barcodes = _decode(f["barcode"][:])
-        centers_all = read_centers(f)
-        padded_all = (np.asarray(f["padded"][:], dtype=bool) if "padded" in f
-                      else np.zeros((len(barcodes), info["n_views"]), dtype=bool))
-    if padded_all.ndim == 1:
-        padded_all = padded_all[:, None].repeat(info["n_views"], axis=1)
+        centers = read_centers(f)
+        padded = (np.asarray(f["padded"][:], dtype=bool) if "padded" in f
+                  else np.zeros((len(barcodes), n_views), dtype=bool))
+    if padded.ndim == 1:
+        padded = padded[:, None].repeat(n_views, axis=1)
+    return barcodes, centers, padded
 
-    targets = None
+
+def _rows_and_targets(expression, genes, barcodes: np.ndarray, sample: str | None):
+    """The bundle rows with expression and their targets on ``genes``; every row and no targets
+    without an expression file."""
     if expression is None:
-        rows = np.arange(len(barcodes), dtype=np.int64)
-    else:
-        if genes is None:
-            raise InputError("a gene panel is needed to read targets", file=expression,
-                             sample=sample)
-        rows, targets = _read_targets(expression, genes, barcodes, sample)
+        return np.arange(len(barcodes), dtype=np.int64), None
+    if genes is None:
+        raise InputError("a gene panel is needed to read targets", file=expression, sample=sample)
+    return _read_targets(expression, genes, barcodes, sample)
 
-    spot_ids = barcodes[rows]
-    centers = centers_all[rows]
-    padded = padded_all[rows][:, views]
-    if drop_padded:
-        keep = ~padded.any(axis=1)
-        if not keep.all():
-            log.warning("sample %s: dropped %d of %d spots whose views %s reach outside the "
-                        "slide (drop_padded)", sample or info["sample"], int((~keep).sum()),
-                        len(keep), views)
-        rows, spot_ids, centers, padded = rows[keep], spot_ids[keep], centers[keep], padded[keep]
-        if targets is not None:
-            targets = targets[keep]
-    if verify:
-        verify_rows(bundle, rows, sample or info["sample"])
-    return SampleData(sample=sample or info["sample"], bundle=str(bundle), rows=rows,
-                      spot_ids=spot_ids, centers=centers, padded=padded, targets=targets,
-                      info=info)
+
+def _drop_padded(rows, spot_ids, centers, padded, targets, sample: str, views):
+    """The spots whose selected views all lie inside the slide (``drop_padded``)."""
+    keep = ~padded.any(axis=1)
+    if not keep.all():
+        log.warning("sample %s: dropped %d of %d spots whose views %s reach outside the "
+                    "slide (drop_padded)", sample, int((~keep).sum()), len(keep), views)
+    return (rows[keep], spot_ids[keep], centers[keep], padded[keep],
+            None if targets is None else targets[keep])
 
 
 def _read_targets(expression, genes, barcodes, sample) -> tuple[np.ndarray, np.ndarray]:
