@@ -42,7 +42,7 @@ def rules() -> dict[str, dict]:
         for i, m in enumerate(starts):
             block = text[m.end():starts[i + 1].start() if i + 1 < len(starts) else len(text)]
             conda = re.search(r"^\s*conda:\s*\n\s*[\"']([^\"']+)[\"']", block, re.MULTILINE)
-            # ``python``, or the launcher param (python or torchrun: train_launcher in common.smk)
+            # ``python``, or the launcher param (python or torchrun: train_launcher in m2ost/plan/settings.py)
             command = re.search(r"^\s*shell:\s*\n\s*[\"'](?:[^\"']*?)(?:python|\{params\.launcher\}) -m m2ost ([\w-]+)",
                                 block, re.MULTILINE)
             out[m.group(1)] = {

@@ -20,7 +20,7 @@ log = logging.getLogger("m2ost")
 
 
 def expression(args) -> None:
-    settings = defaults.merged("expression", parse_settings(args.settings))
+    settings = defaults.settings("expression", parse_settings(args.settings))
     spatial = None
     if args.slide_info:
         info = read_slide_info(args.slide_info, args.sample)
@@ -32,7 +32,7 @@ def expression(args) -> None:
 
 
 def panel(args) -> None:
-    settings = defaults.merged("panel", parse_settings(args.settings))
+    settings = defaults.settings("panel", parse_settings(args.settings))
     genes = select_panel(settings["method"], int(settings["n_genes"]),
                          parse_pairs(args.train, "--train"), parse_pairs(args.other, "--other"),
                          list_file=settings["list_file"] or None, min_spot_fraction=settings["min_spot_fraction"])

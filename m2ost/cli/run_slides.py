@@ -18,7 +18,7 @@ log = logging.getLogger("m2ost")
 
 
 def demo_cohort(args) -> None:
-    settings = defaults.merged("demo", parse_settings(args.settings))
+    settings = defaults.settings("demo", parse_settings(args.settings))
     settings.pop("enabled")
     seed = settings.pop("seed")
     make_demo_cohort(args.out, seed=seed if args.seed is None else args.seed, **settings)
@@ -35,7 +35,7 @@ def prepare_slide(args) -> None:
     prepare(args.sample, args.slide, args.out, converted_path=args.converted, sheet_mpp=args.mpp,
             spots_tsv=args.spots, fmt=args.format or "", override_name=args.mpp_source,
             scalefactors=args.scalefactors, slide_scale=args.slide_scale, hest_metadata=args.hest_metadata,
-            array_pitch_um=args.array_pitch_um, **defaults.merged("slides", parse_settings(args.settings)))
+            array_pitch_um=args.array_pitch_um, **defaults.settings("slides", parse_settings(args.settings)))
 
 
 def tile(args) -> None:

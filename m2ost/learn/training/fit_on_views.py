@@ -32,7 +32,7 @@ def fit_model(kind: str, bundles: Mapping[str, str], expressions: Mapping[str, s
     model_cfg
         Network settings for the neural kinds; ignored by the baselines.
     train_cfg
-        See :data:`m2ost.learn.training.identity.TRAIN_DEFAULTS`; the baselines use seed, val_fraction,
+        The ``train`` section (m2ost/schemas/config.schema.yaml); the baselines use seed, val_fraction,
         drop_padded, workers.
 
     Other parameters as in :func:`m2ost.learn.training.trainer.train`. Returns a dict of what was fitted.

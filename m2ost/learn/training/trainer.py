@@ -108,7 +108,7 @@ def train(bundles: Mapping[str, str], expressions: Mapping[str, str], genes_file
     model_cfg
         Passed to ``m2ost.model.build_model`` (``{"variant": "tiny", ...}``).
     train_cfg
-        See :data:`m2ost.learn.training.identity.TRAIN_DEFAULTS`.
+        The ``train`` section (m2ost/schemas/config.schema.yaml gives the defaults).
     out_dir
         Receives ``model.pt``, ``log.csv`` and ``checkpoints/``.
     views
