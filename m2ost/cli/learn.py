@@ -32,7 +32,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--bundle", required=True, help="bundle of the sample")
     p.add_argument("--sample", required=True, help="sample name")
     p.add_argument("--settings", help='JSON: {"encoder": {...}, "device": "auto"} (encoder: the config section)')
-    p.add_argument("--batch-size", type=int, help="spots per encoder batch (default: encoder.batch_size)")
+    p.add_argument("--batch-size", type=int, help="spots per encoder batch (default: encoder.batch_size; "
+                   "0 or auto there: sized from the free memory)")
     p.add_argument("--out", required=True, help="embeddings file (.h5)")
 
     p = add_command(sub, "evaluate", f"{RUN}:evaluate", "score a model on held-out samples (per-gene Pearson first)")
