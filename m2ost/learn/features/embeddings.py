@@ -68,6 +68,16 @@ def _views_record(info: dict) -> list[dict]:
     return [{"fov_um": info["fov_um"][v], "size_px": info["size_px"][v]} for v in range(info["n_views"])]
 
 
+def _warn_resolution(encoder: Encoder, info: dict, sample: str) -> None:
+    """Warn of each view that reaches the encoder more than 2x away from its ``mpp``."""
+    mpp = encoder.settings.get("mpp")
+    for v in range(info["n_views"] if mpp else 0):
+        got = info["fov_um"][v] / int(encoder.settings["input_px"])
+        if not 0.5 <= got / float(mpp) <= 2.0:
+            log.warning("sample %s view %d reaches the encoder at %.2f um/px; it expects about %.2f",
+                        sample, v, got, float(mpp))
+
+
 def write_embeddings(encoder: Encoder, bundle: str | os.PathLike, out: str | os.PathLike, *,
                      sample: str | None = None, tokens: bool = False, batch_size: int = 64,
                      progress: bool = True) -> dict:
@@ -78,13 +88,7 @@ def write_embeddings(encoder: Encoder, bundle: str | os.PathLike, out: str | os.
     info = read_bundle_info(bundle, sample)
     sample = sample or info["sample"]
     n, n_views = info["n_spots"], info["n_views"]
-    mpp = encoder.settings.get("mpp")
-    if mpp:
-        for v in range(n_views):
-            got = info["fov_um"][v] / int(encoder.settings["input_px"])
-            if not 0.5 <= got / float(mpp) <= 2.0:
-                log.warning("sample %s view %d reaches the encoder at %.2f um/px; it expects about %.2f",
-                            sample, v, got, float(mpp))
+    _warn_resolution(encoder, info, sample)
     attrs = {"sample": sample, "views": json.dumps(_views_record(info)),
              "encoder": json.dumps(encoder.record(), sort_keys=True),
              "bundle_digest": bundle_digest(bundle, sample), "format_version": FORMAT_VERSION,
