@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from m2ost.learn.training.device import autocast
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
@@ -53,7 +55,7 @@ def bytes_per_image(encoder, tokens: bool) -> int:
     try:
         size = int(encoder.settings["input_px"])
         x = torch.zeros(1, 3, size, size, device=encoder.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=encoder.device.type == "cuda"):
+        with autocast(encoder.device):  # bf16 on a GPU, as Encoder.encode runs
             feats, _, _ = encoder._forward(x)
     finally:
         for h in handles:
