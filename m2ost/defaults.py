@@ -136,6 +136,7 @@ def check(schema: dict, value, path: str, where: object = None) -> None:
     def fail(problem: str):
         raise InputError(f"setting {path} {problem}", file=where)
 
+    _check_alternatives(schema, value, path, where, fail)
     kinds = schema.get("type")
     kinds = [kinds] if isinstance(kinds, str) else kinds
     if kinds and not any(_is(value, k) for k in kinds):
@@ -150,6 +151,21 @@ def check(schema: dict, value, path: str, where: object = None) -> None:
         _check_items(schema, value, path, where, fail)
     if isinstance(value, dict):
         _check_object(schema, value, path, where, fail)
+
+
+def _check_alternatives(schema: dict, value, path: str, where, fail) -> None:
+    """``anyOf`` (one alternative at least) and ``oneOf`` (exactly one)."""
+    for word, ok in (("anyOf", lambda n: n >= 1), ("oneOf", lambda n: n == 1)):
+        if word not in schema:
+            continue
+        problems = []
+        for alternative in schema[word]:
+            try:
+                check(alternative, value, path, where)
+            except InputError as err:
+                problems.append(err.problem.removeprefix(f"setting {path} "))
+        if not ok(len(schema[word]) - len(problems)):
+            fail(" or ".join(problems) if problems else f"matches more than one of {schema[word]}")
 
 
 def _check_range(schema: dict, value, fail) -> None:

@@ -151,6 +151,10 @@ NOT_DEFAULTS = {
     ("m2ost/learn/inputs/augment.py", "rot90"): "the library's augment=True shorthand",
     ("m2ost/model/m2ost.py", "enabled"): "torch.autocast's argument",
     ("m2ost/model/variants.py", "depth"): "the size of the network variant tiny",
+    **{("m2ost/learn/features/encoders.py", k): "what encoder records written before the key existed were "
+       "computed with" for k in ("preset", "pool", "token_grid")},
+    **{("m2ost/learn/features/presets.py", k): "the preset table's efficientnet-lite0 row, which describes "
+       "the default and is never applied" for k in ("name", "levels", "token_levels", "tf_efficientnet_lite0")},
 }
 
 

@@ -123,6 +123,10 @@ def test_m2ost_encoder_trains_on_its_own_settings_and_the_spots_draw():
     s = train_settings("m2ost_encoder", full_config())
     assert set(s["train"]) == {"seed", "val_fraction", "drop_padded"}
     assert s["model"] == defaults.section("m2ost_encoder")
-    assert set(s["encoder"]) == {"name", "weights", "input_px", "mean", "std", "kwargs", "tta", "levels",
-                                 "token_levels"}
+    assert set(s["encoder"]) == {"name", "weights", "input_px", "mean", "std", "kwargs", "preset", "tta", "levels",
+                                 "pool", "token_levels", "token_grid"}
+    # what the pooled kinds record and compare (m2ost.learn.features.encoders.FEATURE_KEYS, without the
+    # token grids' keys, which read_embeddings ignores for them)
+    pooled = train_settings("encoder_ridge", full_config())["encoder"]
+    assert set(pooled) == set(s["encoder"]) - {"token_levels", "token_grid"}
     assert {k for k, kind in KINDS.items() if kind.train_keys is None} == {"m2ost", "m2ost_single", "m2ost_finetune"}

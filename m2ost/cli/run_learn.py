@@ -68,7 +68,7 @@ def embed(args) -> None:
     encoder = load_encoder(settings.get("encoder"), device)  # the one merge and check of the settings
     cfg = encoder.settings
     write_embeddings(encoder, args.bundle, args.out, sample=args.sample, tokens=bool(cfg["tokens"]),
-                     batch_size=args.batch_size or int(cfg["batch_size"]), progress=True)
+                     batch_size=args.batch_size or cfg["batch_size"], progress=True)
     log.info("embeddings of %s written to %s", args.sample, args.out)
 
 

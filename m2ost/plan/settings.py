@@ -19,11 +19,13 @@ from m2ost.plan.kinds import ALL_KINDS, model_kind, needs_tokens, uses_kinds
 
 # The encoder settings, in three subsets (each a superset of the one before):
 # what builds the network and its input (the kind that fine-tunes the encoder reads these),
-ENCODER_NETWORK_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs")
-# what changes the pooled features (the record that embeddings and feature models store),
-ENCODER_POOLED_KEYS = ENCODER_NETWORK_KEYS + ("tta", "levels")
-# and what changes the token grids too (the record of m2ost_encoder and of every embeddings file).
-ENCODER_FEATURE_KEYS = ENCODER_POOLED_KEYS + ("token_levels",)
+ENCODER_NETWORK_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "preset")
+# what changes the pooled features (the pooled feature kinds read these),
+ENCODER_POOLED_KEYS = ENCODER_NETWORK_KEYS + ("tta", "levels", "pool")
+# and what changes the token grids too (m2ost_encoder reads these; the record of every embeddings
+# file and feature model holds them).
+ENCODER_TOKEN_KEYS = ("token_levels", "token_grid")
+ENCODER_FEATURE_KEYS = ENCODER_POOLED_KEYS + ENCODER_TOKEN_KEYS
 # The embed stage reads the whole section (mpp: a warning; tokens, batch_size: what is stored, how fast).
 
 # Config keys that reach no job's params: they decide which jobs exist, where the files are,

