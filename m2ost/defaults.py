@@ -142,7 +142,7 @@ def check(schema: dict, value, path: str, where: object = None) -> None:
     if kinds and not any(_is(value, k) for k in kinds):
         fail(f"must be of type {' or '.join(kinds)}, got {value!r}")
     if "enum" in schema and value not in schema["enum"]:
-        fail(f"must be one of {', '.join(map(str, schema['enum']))}, got {value!r}")
+        fail(f"must be one of {', '.join(str(e) if e != '' else repr(e) for e in schema['enum'])}, got {value!r}")
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         _check_range(schema, value, fail)
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
