@@ -26,6 +26,7 @@ from realdata import SVS
 
 import m2ost
 from m2ost.cli import build_parser
+from m2ost.plan.outputs import PREDICTION_MAP
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_FILES = ("pyproject.toml", "README.md", "LICENSE")
@@ -128,5 +129,6 @@ def test_train_then_predict_slide_with_the_installed_cli(installed, study):
     assert adata.n_obs >= 10 and list(adata.var_names) == list(study["genes"])
     assert np.isfinite(np.asarray(adata.X)).all()
     assert f'"m2ost": "{m2ost.__version__}"' in adata.uns["m2ost"]["provenance_json"]
-    for suffix in (".png", ".geojson"):
+    maps = Path(PREDICTION_MAP).suffix  # the image format of the maps, as the workflow names them
+    for suffix in (maps, ".geojson"):
         assert (run / "pred" / f"S1{suffix}").stat().st_size > 0
