@@ -33,7 +33,8 @@ BUILD_FILES = ("pyproject.toml", "README.md", "LICENSE")
 
 
 def _pip(*args, cwd):
-    subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, capture_output=True, text=True)
+    assert out.returncode == 0, f"pip {' '.join(args)} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
