@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from m2ost.cli import build_parser
+from test_cli import _subcommands
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "m2ost" / "schemas" / "config.schema.yaml"
@@ -88,14 +88,8 @@ def broken_links(page: Path, root: Path = REPO) -> list[str]:
     return found
 
 
-def subcommands() -> set[str]:
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if a.dest == "command"]
-    return set(sub.choices)
-
-
 def unknown_subcommands(page: Path) -> list[str]:
-    known = subcommands()
+    known = set(_subcommands())  # aliases included
     return [f"{page.name}: `m2ost {name}` is not a subcommand" for snippet in code(page.read_text())
             for name in SUBCOMMAND.findall(snippet) if name not in known]
 
