@@ -109,7 +109,8 @@ def prediction_outputs(adata, png=None, geojson=None, genes: list[str] | None = 
 
 
 def _inference(device: str | None, batch_size: int | None) -> tuple[str, int]:
-    workflow = predict_settings({section: defaults.section(section) for section in ("train", "predict", "expression")})
+    workflow = predict_settings({section: defaults.section(section)
+                                 for section in ("train", "predict", "expression", "intervals")})
     return (workflow["device"] if device is None else device,
             workflow["batch_size"] if batch_size is None else batch_size)
 
