@@ -3,8 +3,9 @@
 Calibration (at training, on the validation spots of the training samples, which no model
 trained on): the validation spots of each training section are split in two halves at random.
 On the first, a small ridge head learns to predict the absolute residual |y - ŷ| of every gene
-from the model's predictions of all genes (standardised; the penalty, including "infinite", i.e.
-a constant, is chosen by leave-one-out error on that half). On the second, each spot's
+from the model's predictions of all genes and their squares (standardised; the penalty,
+including "infinite", i.e. a constant, is chosen by leave-one-out error on that half): it works
+for every model kind, from the one thing they all give. On the second, each spot's
 normalised score |y - ŷ| / σ̂(x) is kept, per gene, with its section. The state (the head, the
 scores, their sections) is stored in ``model.pt``.
 
@@ -47,13 +48,26 @@ def _halves(group: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(cal))
 
 
+def _features(head: dict, pred: np.ndarray) -> np.ndarray:
+    """The head's inputs: standardised predictions and their standardised squares (so the
+    residual may grow away from a gene's typical value in either direction)."""
+    z = (np.asarray(pred, np.float64) - head["mu"]) / head["sd"]
+    return np.concatenate([z, (z**2 - head["mu2"]) / head["sd2"]], axis=1)
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sd = x.std(0)
+    return x.mean(0), np.where(sd > 1e-8, sd, 1.0)
+
+
 def fit_head(pred: np.ndarray, abs_resid: np.ndarray) -> dict:
-    """Multi-output ridge from standardised predictions to |residual|; penalty by leave-one-out."""
+    """Multi-output ridge from the predictions (:func:`_features`) to |residual|; the penalty
+    (including infinite: a constant, plain conformal) by leave-one-out error on these spots."""
     x = np.asarray(pred, np.float64)
     a = np.asarray(abs_resid, np.float64)
-    mu, sd = x.mean(0), x.std(0)
-    sd = np.where(sd > 1e-8, sd, 1.0)
-    z = (x - mu) / sd
+    head = dict(zip(("mu", "sd"), _standardise(x)))
+    head.update(zip(("mu2", "sd2"), _standardise(((x - head["mu"]) / head["sd"]) ** 2)))
+    z = _features(head, x)
     b = a.mean(0)
     ac = a - b
     n = len(z)
@@ -61,25 +75,22 @@ def fit_head(pred: np.ndarray, abs_resid: np.ndarray) -> dict:
     uta = u.T @ ac
     errors = {}
     for lam in HEAD_PENALTIES:
-        if math.isinf(lam):
-            shrink = np.zeros_like(s)
-        else:
-            shrink = s**2 / (s**2 + lam * n)
+        shrink = np.zeros_like(s) if math.isinf(lam) else s**2 / (s**2 + lam * n)
         fitted = u @ (shrink[:, None] * uta)
         hat = 1.0 / n + (u**2) @ shrink
         loo = (ac - fitted) / np.maximum(1.0 - hat, 1e-6)[:, None]
         errors[lam] = float((loo**2).mean())
     lam = min(errors, key=errors.get)
-    w = np.zeros((z.shape[1], z.shape[1])) if math.isinf(lam) else vt.T @ ((s / (s**2 + lam * n))[:, None] * uta)
-    return {"mu": mu.astype(np.float32), "sd": sd.astype(np.float32), "w": w.astype(np.float32),
-            "b": b.astype(np.float32), "floor": (SIGMA_FLOOR * np.maximum(b, 1e-6)).astype(np.float32),
+    w = np.zeros((z.shape[1], x.shape[1])) if math.isinf(lam) else vt.T @ ((s / (s**2 + lam * n))[:, None] * uta)
+    head = {k: v.astype(np.float32) for k, v in head.items()}
+    return {**head, "w": w.astype(np.float32), "b": b.astype(np.float32),
+            "floor": (SIGMA_FLOOR * np.maximum(b, 1e-6)).astype(np.float32),
             "penalty": float(lam), "loo_mse": [[k, v] for k, v in errors.items()]}
 
 
 def difficulty(head: dict, pred: np.ndarray) -> np.ndarray:
     """σ̂ per spot and gene (n, G) from the head's state and the predictions."""
-    z = (np.asarray(pred, np.float64) - head["mu"]) / head["sd"]
-    sigma = z @ np.asarray(head["w"], np.float64) + head["b"]
+    sigma = _features(head, pred) @ np.asarray(head["w"], np.float64) + head["b"]
     return np.maximum(sigma, head["floor"]).astype(np.float32)
 
 
