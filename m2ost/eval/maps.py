@@ -119,7 +119,7 @@ def mark_padded(ax, tissue: Tissue) -> None:
     rings = [Circle((x, y), tissue.diameter_px / 2) for x, y in tissue.xy[np.asarray(tissue.padded, bool)]]
     ax.add_collection(PatchCollection(rings, facecolor="none", edgecolor=PADDED_COLOUR, linewidths=0.8))
     ax.plot([], [], "o", mfc="none", mec=PADDED_COLOUR, label="view padded")
-    ax.legend(loc="upper right", fontsize=6, framealpha=0.7)
+    ax.legend(loc="lower left", fontsize=6, framealpha=0.7)
 
 
 def measured_vs_predicted(tissue: Tissue, rows: list[tuple], unit: str, title: str, width_label: str = ""):
