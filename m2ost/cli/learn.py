@@ -39,7 +39,8 @@ def _add_embed(sub) -> None:
     p.add_argument("--bundle", required=True, help="bundle of the sample")
     p.add_argument("--sample", required=True, help="sample name")
     p.add_argument("--settings", help='JSON: {"encoder": {...}, "device": "auto"} (encoder: the config section)')
-    p.add_argument("--batch-size", type=int, help="spots per encoder batch (default: encoder.batch_size)")
+    p.add_argument("--batch-size", type=int, help="spots per encoder batch (default: encoder.batch_size; "
+                   "0 or auto there: sized from the free memory)")
     p.add_argument("--out", required=True, help="embeddings file (.h5)")
 
 
