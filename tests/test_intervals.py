@@ -15,6 +15,7 @@ import torch
 from realdata import HER2ST, her2st_files, needs_her2st
 from synthetic import make_study, tiny_train_cfg, write_expression, write_genes
 
+from m2ost.errors import InputError
 from m2ost.eval.intervals import fit_calibration, interval_scores, intervals, quantile_level
 from m2ost.eval.summary import aggregate
 from m2ost.learn.inference.heldout import evaluate
@@ -81,7 +82,7 @@ def test_sections_calibration_widens_when_training_sections_differ():
     # sections alike: nothing to raise (up to a step)
     same = fit_calibration(*heteroscedastic(rng, 450)[:2], group, seed=3)
     assert quantile_level(same, LEVEL, "sections") <= LEVEL + 0.02
-    with pytest.raises(ValueError, match="calibration"):
+    with pytest.raises(InputError, match="calibration"):
         quantile_level(state, LEVEL, "patients")
 
 
@@ -212,3 +213,24 @@ def test_real_her2st_intervals_reach_the_viewers(her2st_pair, tmp_path):
     assert (pred.layers["upper"] >= pred.layers["lower"]).all()
     prediction_outputs(pred, tmp_path / "C4.png", tmp_path / "C4.geojson", n_genes=2)
     assert (tmp_path / "C4.png").stat().st_size > 0
+
+
+def test_the_level_and_calibration_reach_the_rules_and_the_intervals(ridge_model, tmp_path):
+    from m2ost import defaults
+    from m2ost.plan.settings import eval_settings, predict_settings
+
+    config = defaults.config_defaults()
+    config["intervals"] = {"level": 0.5, "calibration": "spots"}
+    for settings in (eval_settings(config), predict_settings(config)):
+        assert settings["interval_level"] == 0.5 and settings["interval_calibration"] == "spots"
+    study, model_file = ridge_model
+    widths = {}
+    for level in (0.5, 0.9):
+        result = evaluate(model_file, study["bundles"], study["expressions"], ["C"], tmp_path / str(level),
+                          device="cpu", figures=False, interval_level=level, interval_calibration="spots")
+        assert result["intervals"]["level"] == level and result["intervals"]["calibration"] == "spots"
+        widths[level] = result["mean"]["interval_width"]
+    assert widths[0.5] < widths[0.9]
+    with pytest.raises(InputError, match="level"):
+        evaluate(model_file, study["bundles"], study["expressions"], ["C"], tmp_path / "bad", device="cpu",
+                 figures=False, interval_level=1.5)

@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from m2ost.errors import InputError
+
 FORMAT = 1
 # Penalties tried for the difficulty head, relative to the number of fitting spots; inf = constant.
 HEAD_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0, math.inf)
@@ -145,9 +147,9 @@ def section_quantile_level(scores: np.ndarray, groups: np.ndarray, level: float)
 def quantile_level(state: dict, level: float, calibration: str) -> float:
     """The level of the scores' quantile that gives intervals of nominal ``level``."""
     if not 0.0 < level < 1.0:
-        raise ValueError(f"interval level must be in (0, 1), got {level}")
+        raise InputError(f"intervals.level must be in (0, 1), got {level}")
     if calibration not in CALIBRATIONS:
-        raise ValueError(f"interval calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+        raise InputError(f"intervals.calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     if calibration == "sections":
         return section_quantile_level(np.asarray(state["scores"]), np.asarray(state["groups"]), level)
     return float(level)
