@@ -51,16 +51,20 @@ def _pcc_text(r: float) -> str:
 
 def plot_sample(targets: np.ndarray, pred: np.ndarray, per_gene: pd.DataFrame, tissue: Tissue,
                 out_dir: str | os.PathLike, sample: str, model_name: str, unit: str,
-                chosen_gene: str | None = None) -> list[Path]:
-    """The evaluation figures of one held-out sample (see the module docstring)."""
+                chosen_gene: str | None = None, widths: np.ndarray | None = None,
+                level: float | None = None) -> list[Path]:
+    """The evaluation figures of one held-out sample (see the module docstring); ``widths``
+    (spots x genes, the prediction intervals' widths at ``level``) add an uncertainty map per gene."""
     out_dir = Path(out_dir)
     rows = []
     constant = bool((np.ptp(pred, axis=0) == 0).all())
     for label, j in gene_picks(per_gene, targets, pred, chosen_gene):
         gene, r = per_gene.loc[j, "gene"], per_gene.loc[j, "pcc"]
         score = "constant prediction" if constant else _pcc_text(r)
-        rows.append((f"{gene} ({label}, {score})", targets[:, j], pred[:, j]))
-    fig = measured_vs_predicted(tissue, rows, unit, f"{model_name}, held-out sample {sample}")
+        rows.append((f"{gene} ({label}, {score})", targets[:, j], pred[:, j])
+                    + (() if widths is None else (widths[:, j],)))
+    fig = measured_vs_predicted(tissue, rows, unit, f"{model_name}, held-out sample {sample}",
+                                width_label(level))
     written = [_savefig(fig, out_dir / f"{sample}.maps.png")]
     fig = gene_scores(targets, pred, per_gene, unit, f"{model_name}, held-out sample {sample}")
     written.append(_savefig(fig, out_dir / f"{sample}.genes.png"))
@@ -108,6 +112,11 @@ def gene_scores(targets: np.ndarray, pred: np.ndarray, per_gene: pd.DataFrame, u
     return fig
 
 
+def width_label(level: float | None) -> str:
+    """What an uncertainty map shows."""
+    return f"{level:.0%} interval width" if level else "interval width"
+
+
 def most_variable(x: np.ndarray, names, n: int) -> list[str]:
     order = np.argsort(-np.asarray(x).var(axis=0), kind="stable")[:n]
     return [str(names[g]) for g in order]
@@ -123,8 +132,11 @@ def plot_prediction_maps(adata, tissue: Tissue, out_png, unit: str, genes: list[
     val = adata.var.get("val_pcc")
     labels = {g: g if val is None or not np.isfinite(val[g]) else f"{g} (validation PCC {val[g]:.2f})"
               for g in chosen}
+    bounds = adata.uns.get("m2ost", {}).get("intervals") or {}
+    widths = ({labels[g]: np.asarray(adata.layers[bounds["upper"]] - adata.layers[bounds["lower"]])[:, names.index(g)]
+               for g in chosen} if bounds else None)
     fig = gene_panels(tissue, {labels[g]: x[:, names.index(g)] for g in chosen}, unit,
-                      title or "predicted expression")
+                      title or "predicted expression", widths=widths, width_label=width_label(bounds.get("level")))
     _savefig(fig, Path(out_png))
     return chosen
 

@@ -24,6 +24,8 @@ SPOT_ALPHA = 0.8
 CMAP = "viridis"
 # Robust colour limits: the 1st and 99th percentiles, so a few extreme spots do not wash out the map.
 LIMIT_PERCENTILES = (1.0, 99.0)
+WIDTH_CMAP = "magma"  # interval widths: their own scale and colours, apart from expression
+PADDED_COLOUR = "red"
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Tissue:
     mpp: float
     image: np.ndarray | None = None
     scalef: float = 1.0
+    padded: np.ndarray | None = None  # spots whose views reached past the slide: ringed on the maps
 
     @classmethod
     def from_spatial(cls, xy, mpp: float, entry: dict | None, diameter_px: float) -> Tissue:
@@ -104,15 +107,31 @@ def draw_spots(ax, tissue: Tissue, values: np.ndarray, norm: Normalize, cmap: st
     spots = PatchCollection(discs, cmap=cmap, norm=norm, alpha=SPOT_ALPHA, linewidths=0)
     spots.set_array(np.asarray(values, float))
     ax.add_collection(spots)
+    mark_padded(ax, tissue)
     scale_bar(ax, tissue)
     return spots
 
 
-def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.ndarray]], unit: str, title: str):
+def mark_padded(ax, tissue: Tissue) -> None:
+    """Ring the spots whose views were padded (reached outside the slide), named in the legend."""
+    if tissue.padded is None or not np.any(tissue.padded):
+        return
+    rings = [Circle((x, y), tissue.diameter_px / 2) for x, y in tissue.xy[np.asarray(tissue.padded, bool)]]
+    ax.add_collection(PatchCollection(rings, facecolor="none", edgecolor=PADDED_COLOUR, linewidths=0.8))
+    ax.plot([], [], "o", mfc="none", mec=PADDED_COLOUR, label="view padded")
+    ax.legend(loc="lower left", fontsize=6, framealpha=0.7)
+
+
+def measured_vs_predicted(tissue: Tissue, rows: list[tuple], unit: str, title: str, width_label: str = ""):
     """One row per gene: H&E, measured, predicted, on one colour scale per row. ``rows`` holds
-    (row title, measured values, predicted values). Returns the figure."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.3 * len(rows)), squeeze=False, layout="constrained")
-    for (label, measured, predicted), ax_row in zip(rows, axes):
+    (row title, measured values, predicted values[, interval widths]); with widths, a fourth
+    panel maps them on their own scale (``width_label`` names them). Returns the figure."""
+    n_cols = 4 if any(len(r) > 3 for r in rows) else 3
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(4.3 * n_cols, 4.3 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for (label, measured, predicted, *width), ax_row in zip(rows, axes):
+        if width:
+            uncertainty_panel(fig, ax_row[3], tissue, width[0], f"{label}: {width_label}", unit)
         draw_tissue(ax_row[0], tissue)
         scale_bar(ax_row[0], tissue)
         ax_row[0].set_title("H&E", fontsize=9)
@@ -120,15 +139,21 @@ def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.n
         for ax, what, values in ((ax_row[1], "measured", measured), (ax_row[2], "predicted", predicted)):
             spots = draw_spots(ax, tissue, values, norm)
             ax.set_title(f"{label}: {what}", fontsize=9)
-        bar = fig.colorbar(spots, ax=list(ax_row), shrink=0.8)  # space taken from the row, panels stay equal
+        bar = fig.colorbar(spots, ax=list(ax_row[:3]), shrink=0.8)  # space taken from the row, panels stay equal
         bar.set_label(unit, fontsize=8)
     fig.suptitle(title, fontsize=10)
     return fig
 
 
-def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4):
-    """The H&E, then one map per gene (each on its own robust scale). Returns the figure."""
-    n = len(values) + 1
+def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4,
+                widths: dict[str, np.ndarray] | None = None, width_label: str = "interval width"):
+    """The H&E, then one map per gene (each on its own robust scale); with ``widths`` (label ->
+    interval widths), each gene's map is followed by its widths' map, in pairs. Returns the figure."""
+    widths = widths or {}
+    panels = [None] + ([False] if widths and cols % 2 == 0 else [])  # pairs start at an even column
+    for gene in values:
+        panels += [("expression", gene)] + ([("width", gene)] if gene in widths else [])
+    n = len(panels)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
@@ -136,11 +161,24 @@ def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title:
     draw_tissue(flat[0], tissue)
     scale_bar(flat[0], tissue)
     flat[0].set_title("H&E", fontsize=9)
-    for ax, (gene, v) in zip(flat[1:], values.items()):
-        spots = draw_spots(ax, tissue, v, Normalize(*robust_limits(v)))
-        ax.set_title(gene, fontsize=9)
-        fig.colorbar(spots, ax=ax, shrink=0.75).set_label(unit, fontsize=8)
+    for ax, panel in zip(flat[1:], panels[1:]):
+        if not panel:
+            ax.axis("off")
+        elif panel[0] == "width":
+            uncertainty_panel(fig, ax, tissue, widths[panel[1]], f"{panel[1]}: {width_label}", unit)
+        else:
+            v = values[panel[1]]
+            spots = draw_spots(ax, tissue, v, Normalize(*robust_limits(v)))
+            ax.set_title(panel[1], fontsize=9)
+            fig.colorbar(spots, ax=ax, shrink=0.75).set_label(unit, fontsize=8)
     for ax in flat[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def uncertainty_panel(fig, ax, tissue: Tissue, width: np.ndarray, title: str, unit: str) -> None:
+    """A map of interval widths on its own scale and colours (with its colour bar)."""
+    spots = draw_spots(ax, tissue, width, Normalize(*robust_limits(width)), WIDTH_CMAP)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(spots, ax=ax, shrink=0.75).set_label(f"interval width, {unit}", fontsize=8)

@@ -12,10 +12,13 @@ import pandas as pd
 
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
+from m2ost.eval.intervals import INTERVAL_METRICS
 from m2ost.eval.metrics import TOP_K
 
+# interval_*: coverage of the prediction intervals on the held-out spots (mean over genes, the
+# 10th percentile over genes) and their mean width (m2ost.eval.intervals.interval_scores).
 SUMMARY_METRICS = ("gene_pcc_mean", "gene_pcc_median", f"gene_pcc_top{TOP_K}",
-                   "spot_pcc_paper", "rmse", "mae", "n_genes_undefined")
+                   "spot_pcc_paper", "rmse", "mae", "n_genes_undefined", *INTERVAL_METRICS)
 
 
 

@@ -108,10 +108,16 @@ def eval_batch_size(train: Mapping) -> int:
     return int(train["eval_batch_size"]) or 2 * int(train["batch_size"])
 
 
+def interval_settings(config: Mapping) -> dict:
+    """The prediction intervals' level and calibration (evaluate and predict jobs)."""
+    return {"interval_level": config["intervals"]["level"],
+            "interval_calibration": config["intervals"]["calibration"]}
+
+
 def eval_settings(config: Mapping) -> dict:
     """The ``--settings`` of an ``evaluate`` job."""
     return {"device": config["train"]["device"], "batch_size": eval_batch_size(config["train"]),
-            "map_gene": config["evaluate"]["map_gene"]}
+            "map_gene": config["evaluate"]["map_gene"], **interval_settings(config)}
 
 
 def predict_settings(config: Mapping) -> dict:
@@ -120,7 +126,8 @@ def predict_settings(config: Mapping) -> dict:
     predict = config["predict"]
     return {"device": config["train"]["device"], "batch_size": predict["batch_size"],
             "target_sum": config["expression"]["target_sum"],
-            **_pick(predict, ("spot_diameter_um", "map_genes", "n_map_genes"))}
+            **_pick(predict, ("spot_diameter_um", "map_genes", "n_map_genes")),
+            **interval_settings(config)}
 
 
 def grid_settings(config: Mapping) -> dict:
@@ -193,10 +200,12 @@ READS = {
     "data_summary": (data_summary_settings, ("expression.low_library_fraction",)),
     "panel": (panel_settings, ("panel", "data_root")),
     "embed": (embed_settings, ("encoder", "train.device")),
-    "evaluate": (eval_settings, ("train.device", "train.eval_batch_size", "train.batch_size", "evaluate.map_gene")),
+    "evaluate": (eval_settings, ("train.device", "train.eval_batch_size", "train.batch_size", "evaluate.map_gene",
+                                 "intervals")),
     "grid_spots": (grid_settings, ("predict.spot_spacing_um", "predict.min_tissue_fraction")),
     "predict": (predict_settings, ("train.device", "predict.batch_size", "expression.target_sum",
-                                   "predict.spot_diameter_um", "predict.map_genes", "predict.n_map_genes")),
+                                   "predict.spot_diameter_um", "predict.map_genes", "predict.n_map_genes",
+                                   "intervals")),
 }
 
 
