@@ -54,7 +54,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--sample", required=True, help="sample name")
     p.add_argument("--settings", help="JSON: device, batch_size, target_sum (the expression stage's, for the unit), "
                    f"spot_diameter_um, map_genes, n_map_genes {WORKFLOW}")
-    p.add_argument("--png", help="also draw maps over the H&E (map_genes, else the n_map_genes most variable)")
+    p.add_argument("--png", help="also draw maps over the H&E, JPEG or PNG by the extension (map_genes, else the "
+                   "n_map_genes most variable)")
     p.add_argument("--geojson", help="also write the spots with their predictions for QuPath (GeoJSON)")
     p.add_argument("--out", required=True, help="predictions (h5ad)")
 
@@ -76,7 +77,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--genes", nargs="+", help=f"genes to map; without it, the --n-genes most variable {WORKFLOW}")
     p.add_argument("--n-genes", type=int, help=f"how many most variable genes to map without --genes {WORKFLOW}")
     p.add_argument("--out-dir", required=True,
-                   help="folder of {sample}.h5ad, {sample}.png, {sample}.geojson and work/")
+                   help="folder of {sample}.h5ad, {sample}.jpg, {sample}.geojson and work/")
 
     p = add_command(sub, "model-info", f"{RUN}:model_info", "parameters and FLOPs of every model variant")
     p.add_argument("--views", type=int, default=3, help="number of views")

@@ -8,6 +8,7 @@ factor (``uns["spatial"]`` layout, :mod:`m2ost.data.spatial`).
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
@@ -24,6 +25,10 @@ SPOT_ALPHA = 0.8
 CMAP = "viridis"
 # Robust colour limits: the 1st and 99th percentiles, so a few extreme spots do not wash out the map.
 LIMIT_PERCENTILES = (1.0, 99.0)
+# Panel titles: 9 pt, wrapped at 44 characters (a 4-inch panel holds about 50 at 9 pt).
+TITLE_SIZE = 9
+TITLE_CHARS = 44
+SUPTITLE_SIZE = 11
 
 
 @dataclass
@@ -108,26 +113,45 @@ def draw_spots(ax, tissue: Tissue, values: np.ndarray, norm: Normalize, cmap: st
     return spots
 
 
-def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.ndarray]], unit: str, title: str):
-    """One row per gene: H&E, measured, predicted, on one colour scale per row. ``rows`` holds
-    (row title, measured values, predicted values). Returns the figure."""
+def panel_title(text: str, width: int = TITLE_CHARS) -> str:
+    """A panel title wrapped to the panel's width (long gene labels must not run into the next panel)."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True)) or text
+
+
+def value_map(fig, ax, tissue: Tissue, values: np.ndarray, title: str, unit: str,
+              norm: Normalize | None = None, cmap: str = CMAP):
+    """One map of any per-spot value over the H&E, on ``norm`` (default: its own robust scale),
+    with a colour bar labelled ``unit``. Returns the spots (a shared colour bar may use them)."""
+    spots = draw_spots(ax, tissue, values, norm or Normalize(*robust_limits(values)), cmap)
+    ax.set_title(panel_title(title), fontsize=TITLE_SIZE)
+    if norm is None:
+        fig.colorbar(spots, ax=ax, shrink=0.75).set_label(unit, fontsize=8)
+    return spots
+
+
+def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.ndarray, str]], unit: str,
+                          title: str):
+    """One row per gene: H&E (titled with the row's label), measured, predicted (titled with
+    ``predicted_note``), on one colour scale per row. ``rows`` holds (row label, measured values,
+    predicted values, predicted_note). Returns the figure."""
     fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.3 * len(rows)), squeeze=False, layout="constrained")
-    for (label, measured, predicted), ax_row in zip(rows, axes):
+    for (label, measured, predicted, note), ax_row in zip(rows, axes):
         draw_tissue(ax_row[0], tissue)
         scale_bar(ax_row[0], tissue)
-        ax_row[0].set_title("H&E", fontsize=9)
+        ax_row[0].set_title(panel_title(f"H&E · {label}"), fontsize=TITLE_SIZE)
         norm = Normalize(*robust_limits(measured, predicted))
-        for ax, what, values in ((ax_row[1], "measured", measured), (ax_row[2], "predicted", predicted)):
-            spots = draw_spots(ax, tissue, values, norm)
-            ax.set_title(f"{label}: {what}", fontsize=9)
+        value_map(fig, ax_row[1], tissue, measured, "measured", unit, norm)
+        spots = value_map(fig, ax_row[2], tissue, predicted, f"predicted ({note})" if note else "predicted",
+                          unit, norm)
         bar = fig.colorbar(spots, ax=list(ax_row), shrink=0.8)  # space taken from the row, panels stay equal
         bar.set_label(unit, fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return fig
 
 
 def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4):
-    """The H&E, then one map per gene (each on its own robust scale). Returns the figure."""
+    """The H&E, then one map per entry of ``values`` (title -> per-spot values), each on its own
+    robust scale. Returns the figure."""
     n = len(values) + 1
     cols = min(cols, n)
     rows = math.ceil(n / cols)
@@ -135,12 +159,10 @@ def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title:
     flat = axes.ravel()
     draw_tissue(flat[0], tissue)
     scale_bar(flat[0], tissue)
-    flat[0].set_title("H&E", fontsize=9)
-    for ax, (gene, v) in zip(flat[1:], values.items()):
-        spots = draw_spots(ax, tissue, v, Normalize(*robust_limits(v)))
-        ax.set_title(gene, fontsize=9)
-        fig.colorbar(spots, ax=ax, shrink=0.75).set_label(unit, fontsize=8)
+    flat[0].set_title("H&E", fontsize=TITLE_SIZE)
+    for ax, (name, v) in zip(flat[1:], values.items()):
+        value_map(fig, ax, tissue, v, name, unit)
     for ax in flat[n:]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return fig

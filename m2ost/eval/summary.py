@@ -14,8 +14,10 @@ from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 from m2ost.eval.metrics import TOP_K
 
-SUMMARY_METRICS = ("gene_pcc_mean", "gene_pcc_median", f"gene_pcc_top{TOP_K}",
-                   "spot_pcc_paper", "rmse", "mae", "n_genes_undefined")
+# The gene_pcc columns average the genes whose Pearson r is defined (n_genes_defined of them);
+# NaN ("undefined"), e.g. for a constant predictor, where no gene has one.
+SUMMARY_METRICS = ("gene_pcc_mean", "n_genes_defined", "gene_pcc_median", f"gene_pcc_top{TOP_K}",
+                   "spot_pcc_paper", "rmse", "mae")
 
 
 
@@ -62,7 +64,7 @@ def aggregate(summary_files: Sequence[str | os.PathLike],
         out.append(pd.DataFrame([mean]))
     result = pd.concat(out, ignore_index=True) if out else table
     with atomic_path(out_tsv) as tmp:
-        result.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+        result.to_csv(tmp, sep="\t", index=False, float_format="%.4f", na_rep="NaN")
     return result
 
 

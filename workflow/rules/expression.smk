@@ -43,14 +43,25 @@ rule panel:
         settings=as_json(panel_settings()),
     shell:
         "python -m m2ost panel --train {params.train} --other {params.other} --settings {params.settings:q} "
-        "--out {output:q} 2> {log}"
+        "--out {output.table:q} --html {output.html:q} 2> {log}"
 
 
 rule data_summary:
     input:
         expression_files(ST_SAMPLES),
     output:
-        report(outputs.DATA_SUMMARY, caption="../report/data_summary.rst", category="Data quality"),
+        table=report(
+            outputs.DATA_SUMMARY,
+            caption="../report/data_summary.rst",
+            category="Data quality",
+            labels={"content": "table (TSV, for a spreadsheet)"},
+        ),
+        html=report(
+            outputs.DATA_SUMMARY_HTML,
+            caption="../report/data_summary.rst",
+            category="Data quality",
+            labels={"content": "table"},
+        ),
     log:
         "logs/data_summary/data_summary.log",
     conda:

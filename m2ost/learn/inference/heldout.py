@@ -7,7 +7,7 @@
 ``predictions.h5ad``             held-out spots x panel genes: X = prediction,
                                  layers["measured"], obs sample/spot, obsm["spatial"],
                                  uns["spatial"] (H&E for scanpy/squidpy), unit and per-gene PCC in var
-``figures/{sample}.maps.png``    measured vs predicted over the H&E: best, median (and chosen) gene
+``figures/{sample}.maps.jpg``    measured vs predicted over the H&E: best, median (and chosen) gene
 ``figures/{sample}.genes.png``   per-gene Pearson of the panel; scatter of the best and median gene
 ``qupath/{sample}.geojson``      spots with measured and predicted expression, for QuPath
 
@@ -165,7 +165,7 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
             spatial[s] = entry
         if figures:
             tissue = Tissue.from_spatial(data.centers, mpp, entry, diameter_px)
-            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene)
+            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene, split)
             prediction_geojson(_sample_adata(data, pred, predictor.genes), diameter_px,
                                out_dir / "qupath" / f"{s}.geojson", f"{name} prediction",
                                measured_layer="measured")
