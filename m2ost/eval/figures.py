@@ -63,7 +63,13 @@ def plot_sample(targets: np.ndarray, pred: np.ndarray, per_gene: pd.DataFrame, t
                 out_dir: str | os.PathLike, sample: str, model_name: str, unit: str,
                 chosen_gene: str | None = None, split: str | None = None) -> list[Path]:
     """The evaluation figures of one held-out sample (see the module docstring)."""
-    out_dir = Path(out_dir)
+    figs = sample_figures(targets, pred, per_gene, tissue, sample, model_name, unit, chosen_gene, split)
+    return [_savefig(fig, Path(out_dir) / figure_name(sample, name)) for name, fig in figs.items()]
+
+
+def sample_figures(targets: np.ndarray, pred: np.ndarray, per_gene: pd.DataFrame, tissue: Tissue, sample: str,
+                   model_name: str, unit: str, chosen_gene: str | None = None, split: str | None = None) -> dict:
+    """figure name (:data:`EVALUATION_FIGURES`) -> the figure, titled with model, split and sample."""
     rows = []
     constant = bool((np.ptp(pred, axis=0) == 0).all())
     for label, j in gene_picks(per_gene, targets, pred, chosen_gene):
@@ -71,11 +77,8 @@ def plot_sample(targets: np.ndarray, pred: np.ndarray, per_gene: pd.DataFrame, t
         note = "constant prediction, PCC undefined" if constant else _pcc_text(r)
         rows.append((f"{gene} ({label})", targets[:, j], pred[:, j], note))
     title = who(model_name, split, sample)
-    fig = measured_vs_predicted(tissue, rows, unit, title)
-    written = [_savefig(fig, out_dir / figure_name(sample, "maps"))]
-    fig = gene_scores(targets, pred, per_gene, unit, title)
-    written.append(_savefig(fig, out_dir / figure_name(sample, "genes")))
-    return written
+    return {"maps": measured_vs_predicted(tissue, rows, unit, title),
+            "genes": gene_scores(targets, pred, per_gene, unit, title)}
 
 
 def figure_name(sample: str, figure: str) -> str:
@@ -128,7 +131,8 @@ def _pcc_bars(ax, per_gene: pd.DataFrame, constant: bool) -> None:
     ax.set_xlim(-1, max(len(scores), 1))
     ax.set_ylim(-1, 1)
     ax.set_xticks([])
-    ax.set_xlabel(f"{len(scores)} genes, best to worst" + (f" ({undefined} undefined)" if undefined else ""))
+    ax.set_xlabel(f"{len(scores)} genes, best to worst" + (f" ({undefined} undefined)" if undefined else "")
+                  if len(scores) else f"{undefined} genes, none with a defined r")
     ax.set_ylabel("Pearson r across spots")
     ax.set_title("per-gene PCC" + (" (constant prediction: r undefined)" if constant else ""), fontsize=9)
 
@@ -216,10 +220,13 @@ def _defined_label(per_gene: pd.DataFrame, model: str) -> str:
 
 
 def _savefig(fig, path: Path) -> Path:
-    """PNG, or JPEG (``.jpg``/``.jpeg``: maps over the H&E) at :data:`JPEG_QUALITY`."""
-    fmt = path.suffix.lower().lstrip(".")
-    options = {"pil_kwargs": {"quality": JPEG_QUALITY, "optimize": True}} if fmt in ("jpg", "jpeg") else {}
+    """PNG, or JPEG (``.jpg``/``.jpeg``: maps over the H&E) at :data:`JPEG_QUALITY`; the figure's
+    title also goes into the file (PNG ``Title``, JPEG comment), for viewers and checks."""
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    title = fig.get_suptitle()
+    options = ({"pil_kwargs": {"quality": JPEG_QUALITY, "optimize": True, "comment": title}} if jpeg
+               else {"metadata": {"Title": title}})
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="jpeg" if fmt in ("jpg", "jpeg") else "png", **options)
+        fig.savefig(tmp, dpi=DPI, format="jpeg" if jpeg else "png", **options)
     plt.close(fig)
     return path
