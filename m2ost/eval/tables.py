@@ -46,15 +46,21 @@ QUALITY_NOTES = {
 TABLE_STYLE = ("body{font-family:sans-serif;font-size:13px;margin:8px}"
                "table{border-collapse:collapse;max-width:100%}"
                "th,td{padding:3px 6px;text-align:right;border-bottom:1px solid #ddd;vertical-align:bottom}"
-               "th{background:#f3f3f3;white-space:normal;overflow-wrap:anywhere;max-width:7em}"
-               "td.text,th.text{text-align:left}td.text{max-width:14em;overflow-wrap:anywhere}"
+               "th{background:#f3f3f3}td.num{white-space:nowrap}"
+               "td.text,th.text{text-align:left}td.text{max-width:16em}"
                "dl{margin-top:12px;max-width:60em}dt{font-weight:bold;float:left;clear:left;margin-right:6px}"
                "dd{margin:0 0 3px 0}")
 
 
+def _breakable(text: str) -> str:
+    """Escaped, with a line break allowed after each underscore and comma (a narrow frame wraps
+    ``gene_pcc_mean`` and sample lists rather than cutting them off)."""
+    return html.escape(text).replace("_", "_<wbr>").replace(",", ",<wbr>")
+
+
 def _cell(value, text: bool) -> str:
     if text:
-        return html.escape(str(value)).replace(",", ",<wbr>")
+        return _breakable(str(value))
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "<i>undefined</i>"
     if isinstance(value, (float, np.floating)):
@@ -67,7 +73,7 @@ def write_table_html(table: pd.DataFrame, out_html, title: str, notes: dict[str,
     inline): headers wrap at underscores, numbers to 3 decimals, NaN as *undefined*, and each
     column of ``notes`` explained below the table."""
     text = [not pd.api.types.is_numeric_dtype(table[c]) for c in table.columns]
-    head = "".join(f"<th class='{'text' if t else 'num'}' scope='col'>{html.escape(str(c)).replace('_', '_<wbr>')}</th>"
+    head = "".join(f"<th class='{'text' if t else 'num'}' scope='col'>{_breakable(str(c))}</th>"
                    for c, t in zip(table.columns, text))
     body = "".join("<tr>" + "".join(f"<td class='{'text' if t else 'num'}'>{_cell(v, t)}</td>"
                                     for v, t in zip(row, text)) + "</tr>"
