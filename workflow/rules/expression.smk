@@ -43,7 +43,7 @@ rule panel:
         settings=as_json(panel_settings()),
     shell:
         "python -m m2ost panel --train {params.train} --other {params.other} --settings {params.settings:q} "
-        "--out {output.table:q} --html {output.html:q} 2> {log}"
+        "--out {output:q} 2> {log}"
 
 
 rule data_summary:
@@ -71,4 +71,4 @@ rule data_summary:
         low=config["expression"]["low_library_fraction"],
     shell:
         "python -m m2ost data-summary --expression {params.expression} --low-fraction {params.low} "
-        "--out {output:q} 2> {log}"
+        "--out {output.table:q} --html {output.html:q} 2> {log}"
