@@ -10,6 +10,11 @@ WORKFLOW = "(default: the workflow's, from the config schema)"
 
 
 def add_parsers(sub) -> None:
+    for add in (_add_train, _add_embed, _add_evaluate, _add_predict, _add_predict_slide, _add_model_info):
+        add(sub)
+
+
+def _add_train(sub) -> None:
     p = add_command(sub, "train", f"{RUN}:train", f"fit a model ({', '.join(KINDS)}) on training samples")
     p.add_argument("--kind", required=True, choices=list(KINDS), help="model kind")
     p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the training samples")
@@ -28,13 +33,18 @@ def add_parsers(sub) -> None:
                         "training starts over, instead of an error (the workflow's train rule: a changed "
                         "setting reruns the job in the same folder); a checkpoint of this run still resumes")
 
+
+def _add_embed(sub) -> None:
     p = add_command(sub, "embed", f"{RUN}:embed", "pretrained-encoder features of every spot and view of a bundle")
     p.add_argument("--bundle", required=True, help="bundle of the sample")
     p.add_argument("--sample", required=True, help="sample name")
     p.add_argument("--settings", help='JSON: {"encoder": {...}, "device": "auto"} (encoder: the config section)')
-    p.add_argument("--batch-size", type=int, help="spots per encoder batch (default: encoder.batch_size)")
+    p.add_argument("--batch-size", type=int, help="spots per encoder batch (default: encoder.batch_size; "
+                   "0 or auto there: sized from the free memory)")
     p.add_argument("--out", required=True, help="embeddings file (.h5)")
 
+
+def _add_evaluate(sub) -> None:
     p = add_command(sub, "evaluate", f"{RUN}:evaluate", "score a model on held-out samples (per-gene Pearson first)")
     p.add_argument("--model", required=True, help="model.pt")
     p.add_argument("--bundle", nargs="+", required=True, metavar="SAMPLE=H5", help="bundles of the held-out samples")
@@ -48,6 +58,8 @@ def add_parsers(sub) -> None:
                    f"best and the median one) {WORKFLOW}")
     p.add_argument("--out-dir", required=True, help="folder of summary.json, per_gene/, figures/, predictions.h5ad")
 
+
+def _add_predict(sub) -> None:
     p = add_command(sub, "predict", f"{RUN}:predict", "predict every spot of a bundle (an H&E-only slide)")
     p.add_argument("--model", required=True, help="model.pt")
     p.add_argument("--bundle", required=True, help="bundle of the slide")
@@ -59,6 +71,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--geojson", help="also write the spots with their predictions for QuPath (GeoJSON)")
     p.add_argument("--out", required=True, help="predictions (h5ad)")
 
+
+def _add_predict_slide(sub) -> None:
     p = add_command(sub, "predict-slide", f"{RUN}:predict_slide",
                     "predict expression maps for any slide in one call (prepare, grid, tile, predict, map)")
     p.add_argument("--slide", required=True, help="the H&E slide")
@@ -79,6 +93,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out-dir", required=True,
                    help="folder of {sample}.h5ad, {sample}.jpg, {sample}.geojson and work/")
 
+
+def _add_model_info(sub) -> None:
     p = add_command(sub, "model-info", f"{RUN}:model_info", "parameters and FLOPs of every model variant")
     p.add_argument("--views", type=int, default=3, help="number of views")
     p.add_argument("--img-size", type=int, default=224, help="view size, px")

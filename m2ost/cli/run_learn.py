@@ -66,7 +66,7 @@ def embed(args) -> None:
     cfg = encoder_settings(settings.get("encoder"))
     encoder = load_encoder(cfg, settings.get("device", "auto"))
     write_embeddings(encoder, args.bundle, args.out, sample=args.sample, tokens=bool(cfg["tokens"]),
-                     batch_size=args.batch_size or int(cfg["batch_size"]), progress=True)
+                     batch_size=args.batch_size or cfg["batch_size"], progress=True)
     log.info("embeddings of %s written to %s", args.sample, args.out)
 
 

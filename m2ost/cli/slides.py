@@ -63,4 +63,6 @@ def _scale_options(p) -> None:
     p.add_argument("--slide-scale", default="",
                    help="the slide is the full-resolution image downscaled by this factor, or by the scale "
                         "factor of this key (tissue_hires_scalef, tissue_lowres_scalef)")
-    p.add_argument("--array-pitch-um", type=float, help="centre-to-centre distance of the array's spots, µm")
+    p.add_argument("--array-pitch-um", type=float,
+                   help="centre-to-centre distance of the array's nearest spots, µm (default: the platform's, from "
+                        "the spot indices: legacy ST 1k array 200, 2k array (checkerboard indices) 141; Visium 100)")

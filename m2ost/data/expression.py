@@ -100,27 +100,19 @@ def check_counts(adata, path, sample) -> None:
                             f"{adata.obs_names[obs_dup][0]}", path, sample)
 
 
-def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min_counts: int | None = None,
-                     target_sum: float | None = None, provenance: dict | None = None, spatial: dict | None = None):
-    """Counts -> aligned, QC-filtered, normalised AnnData written to ``out_path``.
-
-    ``spots`` is the spot table (bundle order). Spots without counts and count rows without
-    a spot are dropped and counted; no match at all is an error. ``min_counts`` and
-    ``target_sum`` default to the workflow's (``expression`` in the config schema). ``spatial``
-    is the sample's ``uns["spatial"]`` entry (:func:`m2ost.data.spatial.spatial_entry`), for the viewers.
-    """
-    settings = defaults.merged("expression", {k: v for k, v in (("min_counts", min_counts),
-                                                                ("target_sum", target_sum)) if v is not None})
-    min_counts, target_sum = settings["min_counts"], settings["target_sum"]
-    import scanpy as sc
-
+def _read_checked(fmt: str, counts_path, sample: str):
     if fmt not in READERS:
         raise _counts_error(f"unknown expression format {fmt!r}", counts_path, sample)
     adata = READERS[fmt](counts_path, sample)
     check_counts(adata, counts_path, sample)
     adata.var_names_make_unique()
+    return adata
 
-    spot_ids = spots["spot_id"].astype(str).to_numpy()
+
+def _align(adata, spot_ids: np.ndarray, counts_path, sample: str):
+    """The count rows of the spots, in spot table (bundle) order with ``obs["bundle_row"]``; spots
+    without counts and count rows without a spot are dropped and counted (none matched: an error).
+    Returns (adata, spots without counts, count rows without a spot)."""
     position = pd.Series(np.arange(len(spot_ids)), index=spot_ids)
     counted = adata.obs_names.isin(spot_ids)
     matched = int(counted.sum())
@@ -138,6 +130,11 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
     rows = position.loc[adata.obs_names].to_numpy()
     adata = adata[np.argsort(rows, kind="stable")].copy()
     adata.obs["bundle_row"] = position.loc[adata.obs_names].to_numpy().astype(np.int64)
+    return adata, no_counts, no_spot
+
+
+def _drop_low_counts(adata, min_counts: int, counts_path, sample: str):
+    """``obs["total_counts"]`` set; spots under ``min_counts`` dropped. Returns (adata, how many)."""
     total = np.asarray(adata.X.sum(axis=1)).ravel()
     adata.obs["total_counts"] = total
     low = total < min_counts
@@ -146,17 +143,42 @@ def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min
         adata = adata[~low].copy()
     if adata.n_obs == 0:
         raise _counts_error(f"no spot has at least {min_counts} counts", counts_path, sample)
+    return adata, int(low.sum())
+
+
+def _normalise(adata, target_sum: float) -> None:
+    """Raw counts to ``layers["counts"]``; X = log1p(normalize_total), sparse float32."""
+    import scanpy as sc
+
     adata.layers["counts"] = adata.X.copy()
-    qc = quality(adata, len(spot_ids), no_counts, no_spot, int(low.sum()), min_counts)
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+
+
+def build_expression(sample: str, fmt: str, counts_path, spots, out_path, *, min_counts: int | None = None,
+                     target_sum: float | None = None, provenance: dict | None = None, spatial: dict | None = None):
+    """Counts -> aligned, QC-filtered, normalised AnnData written to ``out_path``.
+
+    ``spots`` is the spot table (bundle order). Spots without counts and count rows without
+    a spot are dropped and counted; no match at all is an error. ``min_counts`` and
+    ``target_sum`` default to the workflow's (``expression`` in the config schema). ``spatial``
+    is the sample's ``uns["spatial"]`` entry (:func:`m2ost.data.spatial.spatial_entry`), for the viewers.
+    """
+    settings = defaults.merged("expression", {k: v for k, v in (("min_counts", min_counts),
+                                                                ("target_sum", target_sum)) if v is not None})
+    min_counts, target_sum = settings["min_counts"], settings["target_sum"]
+    spot_ids = spots["spot_id"].astype(str).to_numpy()
+    adata, no_counts, no_spot = _align(_read_checked(fmt, counts_path, sample), spot_ids, counts_path, sample)
+    adata, low = _drop_low_counts(adata, min_counts, counts_path, sample)
+    qc = quality(adata, len(spot_ids), no_counts, no_spot, low, min_counts)
+    _normalise(adata, target_sum)
     table = spots.set_index(spots["spot_id"].astype(str))
     adata.obsm["spatial"] = table.loc[adata.obs_names, ["x", "y"]].to_numpy(np.float64)
     adata.uns["m2ost"] = {"sample": sample, "format": fmt, "counts": str(counts_path),
                           "min_counts": min_counts, "target_sum": target_sum,
                           "dropped_no_counts": no_counts, "dropped_no_spot": no_spot,
-                          "dropped_low_counts": int(low.sum()), "unit": expression_unit(target_sum),
+                          "dropped_low_counts": low, "unit": expression_unit(target_sum),
                           "provenance_json": _json(provenance), "qc_json": _json(qc)}
     # sc.pp.log1p's record that X is log-transformed (natural log) stays: scanpy reads it later
     adata.uns["log1p"] = {"base": None}

@@ -74,22 +74,37 @@ def select_panel(method: str, n_genes: int, train: dict[str, str], others: dict[
     adatas = _load({**train, **(others or {})})
     candidates = common_genes(adatas)
     if method == "list":
-        genes = read_gene_list(list_file)
-        present = set(candidates)
-        for sample, adata in adatas.items():
-            names = set(adata.var_names)
-            missing = [g for g in genes if g not in names]
-            if missing:
-                upper = {n.upper(): n for n in names}
-                cased = [(g, upper[g.upper()]) for g in missing if g.upper() in upper]
-                hint = (f" (letter case differs, e.g. {cased[0][0]} vs {cased[0][1]} in the data)"
-                        if cased else "")
-                raise InputError(f"{len(missing)} of {len(genes)} panel genes missing from this sample, e.g. "
-                                 f"{', '.join(missing[:5])}{hint}", file=list_file, sample=sample)
-        return [g for g in genes if g in present]
+        return _listed_panel(list_file, adatas, candidates)
+    train_data = _detected_training_data(adatas, train, candidates, min_spot_fraction, n_genes)
+    score = _scores(method, train_data, adatas, list(train), n_genes)
+    order = np.argsort(-score, kind="stable")[:n_genes]
+    genes = [train_data.var_names[i] for i in sorted(order)]
+    log.info("panel (%s): %d genes from %d candidates in %d training samples", method, len(genes),
+             len(candidates), len(train))
+    return genes
 
+
+def _listed_panel(list_file, adatas: dict, candidates: list[str]) -> list[str]:
+    """The genes of the list file, each present in every sample (a missing one names its sample)."""
+    genes = read_gene_list(list_file)
+    present = set(candidates)
+    for sample, adata in adatas.items():
+        names = set(adata.var_names)
+        missing = [g for g in genes if g not in names]
+        if missing:
+            upper = {n.upper(): n for n in names}
+            cased = [(g, upper[g.upper()]) for g in missing if g.upper() in upper]
+            hint = (f" (letter case differs, e.g. {cased[0][0]} vs {cased[0][1]} in the data)"
+                    if cased else "")
+            raise InputError(f"{len(missing)} of {len(genes)} panel genes missing from this sample, e.g. "
+                             f"{', '.join(missing[:5])}{hint}", file=list_file, sample=sample)
+    return [g for g in genes if g in present]
+
+
+def _detected_training_data(adatas: dict, train: dict, candidates: list[str], min_spot_fraction: float,
+                            n_genes: int):
+    """The training samples concatenated, on the candidates detected in ``min_spot_fraction`` of spots."""
     import anndata
-    import scanpy as sc
 
     train_data = anndata.concat([adatas[s][:, candidates] for s in train], label="sample",
                                 keys=list(train), index_unique="-")
@@ -98,22 +113,22 @@ def select_panel(method: str, n_genes: int, train: dict[str, str], others: dict[
     if keep.sum() < n_genes:
         raise InputError(f"only {int(keep.sum())} genes are detected in {min_spot_fraction:.0%} of the training "
                          f"spots; fewer than the {n_genes} requested")
-    train_data = train_data[:, keep].copy()
+    return train_data[:, keep].copy()
+
+
+def _scores(method: str, train_data, adatas: dict, train: list[str], n_genes: int) -> np.ndarray:
+    """Each gene's score under a data-driven method (higher first)."""
+    import scanpy as sc
+
     if method == "top_mean":
-        score = np.asarray(train_data.X.mean(axis=0)).ravel()
-    elif method == "hvg":
+        return np.asarray(train_data.X.mean(axis=0)).ravel()
+    if method == "hvg":
         batch = "sample" if len(train) > 1 else None
         table = sc.pp.highly_variable_genes(train_data, n_top_genes=n_genes, batch_key=batch, inplace=False)
         rank_col = "highly_variable_nbatches" if batch else "dispersions_norm"
-        score = np.nan_to_num(table[rank_col].to_numpy(float)) * 1e6 + np.nan_to_num(
+        return np.nan_to_num(table[rank_col].to_numpy(float)) * 1e6 + np.nan_to_num(
             table["dispersions_norm"].to_numpy(float))
-    else:
-        score = _moran_scores(adatas, list(train), list(train_data.var_names))
-    order = np.argsort(-score, kind="stable")[:n_genes]
-    genes = [train_data.var_names[i] for i in sorted(order)]
-    log.info("panel (%s): %d genes from %d candidates in %d training samples", method, len(genes),
-             len(candidates), len(train))
-    return genes
+    return _moran_scores(adatas, train, list(train_data.var_names))
 
 
 def _moran_scores(adatas: dict, train: list[str], genes: list[str]) -> np.ndarray:

@@ -227,49 +227,17 @@ def _tiles_of_level(
             yield t
 
 
-def write_pyramidal_tiff(
-    path: str | os.PathLike,
-    level0: np.ndarray | RegionSource,
-    mpp: float,
-    tile: int = 256,
-    quality: int = 90,
-    min_size: int = 512,
-    *,
-    workers: int = 2,
-) -> list[tuple[int, int]]:
-    """Write ``level0`` and its 2x downsamples as a pyramidal tiled JPEG TIFF.
-
-    Parameters
-    ----------
-    path
-        Output file; written under a temporary name and renamed when complete.
-    level0
-        RGB uint8 array ``(H, W, 3)``; or, for images too large for memory, a
-        :class:`RegionSource` (``height``, ``width``, ``read(y, x, h, w)``) or a
-        callable ``(y, x, h, w) -> array`` with ``height`` and ``width`` attributes.
-        Sources are read one strip of ``tile`` rows at a time.
-    mpp
-        Micrometres per pixel of level 0, stored in the resolution tags.
-    tile
-        Tile edge in pixels (a multiple of 16, as TIFF requires).
-    quality
-        JPEG quality (1-100).
-    min_size
-        Stop adding levels once the longer side is at most this many pixels.
-    workers
-        Threads used to JPEG-encode tiles.
-
-    Returns
-    -------
-    list of (height, width)
-        The size of every level written, level 0 first.
-    """
+def _check_pyramid_arguments(mpp, tile: int, quality: int) -> None:
     if not (isinstance(mpp, (int, float, np.floating)) and math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp must be a positive number, got {mpp!r}")
     if tile <= 0 or tile % 16:
         raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
+
+
+def _as_source(level0) -> RegionSource:
+    """An array, a :class:`RegionSource` or a callable with ``height`` and ``width``, as a source."""
     if isinstance(level0, np.ndarray):
         source = ArraySource(level0)
     elif isinstance(level0, RegionSource):
@@ -283,36 +251,59 @@ def write_pyramidal_tiff(
         )
     if source.height < 1 or source.width < 1:
         raise ValueError(f"empty image ({source.height} x {source.width})")
+    return source
 
+
+def _write_level(tw: tifffile.TiffWriter, tiles: Iterator[np.ndarray], shape: tuple[int, int], level: int,
+                 mpp: float, tile: int, quality: int, workers: int) -> None:
+    """One level of the pyramid: JPEG tiles, the resolution tags at its downsample."""
+    res = 1e4 / (mpp * 2**level)  # pixels per centimetre at this level
+    tw.write(
+        tiles,
+        shape=(*shape, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",  # tifffile stores JPEG as YCbCr 2x2 from RGB input
+        compression="jpeg",
+        compressionargs={"level": quality},
+        resolution=(res, res),
+        resolutionunit="CENTIMETER",
+        subfiletype=0 if level == 0 else 1,  # 1 = reduced-resolution image
+        software="m2ost",
+        metadata=None,  # no JSON description: keeps files byte-reproducible
+        maxworkers=workers,
+        buffersize=_ENCODE_BATCH_BYTES,
+    )
+
+
+def write_pyramidal_tiff(path: str | os.PathLike, level0: np.ndarray | RegionSource, mpp: float, tile: int = 256,
+                         quality: int = 90, min_size: int = 512, *, workers: int = 2) -> list[tuple[int, int]]:
+    """Write ``level0`` and its 2x downsamples as a pyramidal tiled JPEG TIFF; returns the size
+    ``(height, width)`` of every level written, level 0 first.
+
+    ``path`` is written under a temporary name and renamed when complete. ``level0`` is an RGB
+    uint8 array ``(H, W, 3)``; or, for images too large for memory, a :class:`RegionSource`
+    (``height``, ``width``, ``read(y, x, h, w)``) or a callable ``(y, x, h, w) -> array`` with
+    ``height`` and ``width`` attributes, read one strip of ``tile`` rows at a time. ``mpp``
+    (µm per pixel of level 0) goes to the resolution tags; ``tile`` is the tile edge in pixels (a
+    multiple of 16, as TIFF requires), ``quality`` the JPEG quality (1-100); levels stop once the
+    longer side is at most ``min_size`` pixels; ``workers`` threads JPEG-encode the tiles.
+    """
+    _check_pyramid_arguments(mpp, tile, quality)
+    source = _as_source(level0)
     shapes = pyramid_shapes(source.height, source.width, min_size)
     bigtiff = source.height * source.width * 3 > _BIGTIFF_RAW_BYTES
     path = Path(path)
     with atomic_path(path) as tmp, contextlib.ExitStack() as cleanup, \
             tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
         current: RegionSource = source
-        for level, (h, w) in enumerate(shapes):
+        for level, shape in enumerate(shapes):
             nxt = None
             if level + 1 < len(shapes):
                 nh, nw = shapes[level + 1]
                 nxt = _RawLevel(tmp.parent, nh, nw)
                 cleanup.callback(nxt.close)
-            res = 1e4 / (mpp * 2**level)  # pixels per centimetre at this level
-            tw.write(
-                _tiles_of_level(current, tile, nxt),
-                shape=(h, w, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",  # tifffile stores JPEG as YCbCr 2x2 from RGB input
-                compression="jpeg",
-                compressionargs={"level": quality},
-                resolution=(res, res),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if level == 0 else 1,  # 1 = reduced-resolution image
-                software="m2ost",
-                metadata=None,  # no JSON description: keeps files byte-reproducible
-                maxworkers=workers,
-                buffersize=_ENCODE_BATCH_BYTES,
-            )
+            _write_level(tw, _tiles_of_level(current, tile, nxt), shape, level, mpp, tile, quality, workers)
             if isinstance(current, _RawLevel):
                 current.close()  # free its disk space as soon as it is written
             current = nxt  # type: ignore[assignment]

@@ -169,46 +169,63 @@ def read_sample_sheet(path: str | os.PathLike, data_root: str | os.PathLike = ".
     slides: dict[str, str] = {}
     for line_no, row in enumerate(rows, start=2):
         row = {k: (v or "").strip() for k, v in row.items() if k is not None}
-        name = row["sample"]
-        if not _NAME.match(name):
-            raise InputError(f"line {line_no}: sample name {name!r} must use letters, digits, '_', '.', '-'",
-                             file=path, sample=name or None)
-        if name in seen:
-            raise InputError(f"duplicate sample name (lines {seen[name]} and {line_no})", file=path, sample=name)
-        seen[name] = line_no
-        if not row["patient"]:
-            raise InputError(f"line {line_no}: empty patient", file=path, sample=name)
-        fmt = row.get("format", "").lower()
-        if not row["slide"] and fmt != "hest":
-            raise InputError(f"line {line_no}: empty slide path", file=path, sample=name)
-        if fmt and fmt not in FORMATS:
-            raise InputError(f"line {line_no}: unknown format {fmt!r}; use one of {', '.join(FORMATS)} or leave empty",
-                             file=path, sample=name)
-        if fmt and not row.get("counts"):
-            raise InputError(f"line {line_no}: format {fmt} needs a counts path", file=path, sample=name)
-        if fmt == "legacy_st" and not row.get("positions"):
-            raise InputError(f"line {line_no}: legacy_st needs the spot selection table in 'positions'",
-                             file=path, sample=name)
-        mpp, scale, pitch = (_positive(row, key, line_no, path, name) for key in ("mpp", "slide_scale",
-                                                                                   "array_pitch_um"))
-        if scale and scale > 1:
-            raise InputError(f"line {line_no}: slide_scale is the factor by which the slide is smaller than the "
-                             f"full-resolution image (0 < slide_scale <= 1), got {scale}", file=path, sample=name)
-        counts = _resolve(row.get("counts", ""), root)
-        if fmt == "hest" and not row["slide"]:
-            slide = Sample(name, row["patient"], "", fmt, counts, hest_id=row.get("hest_id", "")).hest_files()["slide"]
-        else:
-            slide = _resolve(row["slide"], root)
-        same = os.path.realpath(slide)  # one file reached by two spellings or a link is one slide
+        sample = _row_sample(row, line_no, path, root, seen)
+        same = os.path.realpath(sample.slide)  # one file reached by two spellings or a link is one slide
         if same in slides:
             raise InputError(f"line {line_no}: slide {row['slide']} is already used by sample {slides[same]}",
-                             file=path, sample=name)
-        slides[same] = name
-        extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
-        samples.append(Sample(sample=name, patient=row["patient"], slide=slide, format=fmt, counts=counts,
-                              positions=_resolve(row.get("positions", ""), root), mpp=mpp, slide_scale=scale,
-                              array_pitch_um=pitch, hest_id=row.get("hest_id", ""), extra=extra))
+                             file=path, sample=sample.sample)
+        slides[same] = sample.sample
+        samples.append(sample)
     return samples
+
+
+def _check_name(row: dict, line_no: int, path, seen: dict[str, int]) -> str:
+    """The row's sample name, checked (letters, digits, '_', '.', '-'; not seen before) and noted in ``seen``."""
+    name = row["sample"]
+    if not _NAME.match(name):
+        raise InputError(f"line {line_no}: sample name {name!r} must use letters, digits, '_', '.', '-'",
+                         file=path, sample=name or None)
+    if name in seen:
+        raise InputError(f"duplicate sample name (lines {seen[name]} and {line_no})", file=path, sample=name)
+    seen[name] = line_no
+    return name
+
+
+def _check_paths(row: dict, fmt: str, line_no: int, path, name: str) -> None:
+    """A patient, a slide (a HEST sample's may be empty), a known format and the files it needs."""
+    if not row["patient"]:
+        raise InputError(f"line {line_no}: empty patient", file=path, sample=name)
+    if not row["slide"] and fmt != "hest":
+        raise InputError(f"line {line_no}: empty slide path", file=path, sample=name)
+    if fmt and fmt not in FORMATS:
+        raise InputError(f"line {line_no}: unknown format {fmt!r}; use one of {', '.join(FORMATS)} or leave empty",
+                         file=path, sample=name)
+    if fmt and not row.get("counts"):
+        raise InputError(f"line {line_no}: format {fmt} needs a counts path", file=path, sample=name)
+    if fmt == "legacy_st" and not row.get("positions"):
+        raise InputError(f"line {line_no}: legacy_st needs the spot selection table in 'positions'",
+                         file=path, sample=name)
+
+
+def _row_sample(row: dict, line_no: int, path, root: Path, seen: dict[str, int]) -> Sample:
+    """One checked row as a :class:`Sample`, its paths resolved against ``root``."""
+    name = _check_name(row, line_no, path, seen)
+    fmt = row.get("format", "").lower()
+    _check_paths(row, fmt, line_no, path, name)
+    mpp, scale, pitch = (_positive(row, key, line_no, path, name) for key in ("mpp", "slide_scale",
+                                                                               "array_pitch_um"))
+    if scale and scale > 1:
+        raise InputError(f"line {line_no}: slide_scale is the factor by which the slide is smaller than the "
+                         f"full-resolution image (0 < slide_scale <= 1), got {scale}", file=path, sample=name)
+    counts = _resolve(row.get("counts", ""), root)
+    if fmt == "hest" and not row["slide"]:
+        slide = Sample(name, row["patient"], "", fmt, counts, hest_id=row.get("hest_id", "")).hest_files()["slide"]
+    else:
+        slide = _resolve(row["slide"], root)
+    extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
+    return Sample(sample=name, patient=row["patient"], slide=slide, format=fmt, counts=counts,
+                  positions=_resolve(row.get("positions", ""), root), mpp=mpp, slide_scale=scale,
+                  array_pitch_um=pitch, hest_id=row.get("hest_id", ""), extra=extra)
 
 
 def _positive(row: dict, key: str, line_no: int, path, name: str) -> float | None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from m2ost.plan.kinds import model_kind
 
 # The encoder settings a kind that fine-tunes the encoder is built from (m2ost.learn.features.finetune).
-ENCODER_NETWORK_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs")
+ENCODER_NETWORK_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "preset")
 
 
 def train_settings(kind: str, config: Mapping) -> dict:
@@ -28,7 +28,7 @@ def train_settings(kind: str, config: Mapping) -> dict:
             model["encoder"] = {key: config["encoder"][key] for key in ENCODER_NETWORK_KEYS}
         return {"model": model, "train": train}
     if k.family == "feature":  # the encoder that made its features (not how they were batched or stored)
-        skip = ("tokens", "batch_size") + (() if k.input == "tokens" else ("token_levels",))
+        skip = ("tokens", "batch_size") + (() if k.input == "tokens" else ("token_levels", "token_grid"))
         out = {"train": train, "encoder": {key: value for key, value in config["encoder"].items()
                                            if key not in skip}}
         if k.config:

@@ -67,7 +67,7 @@ except InputError as err:
 # The model used for prediction on H&E-only slides is trained on every sample with expression.
 PREDICT_SPLIT = "all"
 # Embeddings of the pretrained encoder live in results/embeddings/{ENCODER}/.
-ENCODER = config["encoder"]["name"]
+ENCODER = config["encoder"]["preset"] or config["encoder"]["name"]
 # Every kind that may be trained: the selected ones, the predicting one and an ensemble's members.
 MODELS_USED = uses_kinds(config["models"] + [config["predict"]["model"]], config)
 

@@ -64,115 +64,35 @@ composition {r0:g}-{r1:g} µm away (visible only in the 224 and 448 µm views);
 """
 
 
-def make_demo_cohort(
-    out_dir: str | Path,
-    seed: int = 0,
-    n_patients: int = 2,
-    slides_per_patient: int = 2,
-    n_genes: int = 60,
-    *,
-    slide_um: tuple[float, float] = (1950.0, 2100.0),
-    he_only: bool = True,
-    depth: float = 1.0,
-) -> DemoCohort:
-    """Write the synthetic demo cohort (deterministic for a given seed).
+def make_demo_cohort(out_dir: str | Path, seed: int = 0, n_patients: int = 2, slides_per_patient: int = 2,
+                     n_genes: int = 60, *, slide_um: tuple[float, float] = (1950.0, 2100.0), he_only: bool = True,
+                     depth: float = 1.0) -> DemoCohort:
+    """Write the synthetic demo cohort into ``out_dir`` (created); deterministic for a given seed.
 
-    Parameters
-    ----------
-    out_dir
-        Folder to write into (created).
-    seed
-        Seed of everything: images, grids, genes and counts.
-    n_patients, slides_per_patient
-        Samples ``P{p}_S{s}`` with Visium-style expression.
-    n_genes
-        Genes ``GENE001``...; half driven by the spot's own appearance, half by its
-        neighbourhood, about 5% flat.
-    slide_um
-        Range of the slide side lengths in µm (each side drawn uniformly); the
-        default gives slides of 3900-4200 px and 200-300 in-tissue spots.
-    he_only
-        Also write ``P{n_patients + 1}_HE``, an H&E-only slide of a new patient.
-    depth
-        Scale of the expected counts (sequencing depth).
-
-    Returns
-    -------
-    DemoCohort
+    ``seed`` seeds everything: images, grids, genes and counts. ``n_patients`` x
+    ``slides_per_patient`` samples ``P{p}_S{s}`` have Visium-style expression; with ``he_only``
+    ``P{n_patients + 1}_HE`` is an H&E-only slide of a new patient. ``n_genes`` genes
+    ``GENE001``...: half driven by the spot's own appearance, half by its neighbourhood, about 5%
+    flat. ``slide_um`` is the range of the slide side lengths in µm (each side drawn uniformly;
+    the default gives slides of 3900-4200 px and 200-300 in-tissue spots); ``depth`` scales the
+    expected counts (sequencing depth).
     """
-    if n_patients < 1 or slides_per_patient < 1:
-        raise ValueError("need at least one patient with one slide")
-    if n_genes < 3:
-        raise ValueError(f"n_genes must be at least 3 (own, neighbourhood, flat), got {n_genes}")
-    if not 2 * EDGE_MARGIN_UM + 200 <= slide_um[0] <= slide_um[1]:
-        raise ValueError(f"slide_um must be an increasing range from {2 * EDGE_MARGIN_UM + 200:g} µm, got {slide_um}")
+    _check_arguments(n_patients, slides_per_patient, n_genes, slide_um)
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = np.random.SeedSequence(seed)
     gene_seq, *patient_seqs = root.spawn(1 + n_patients + 1)
     genes = gene_table(np.random.default_rng(gene_seq), n_genes)
-
-    plan = []  # (sample, patient, SeedSequence, has_expression)
-    for p in range(n_patients):
-        slide_seqs = patient_seqs[p].spawn(slides_per_patient + 1)
-        for s in range(slides_per_patient):
-            plan.append((f"P{p + 1}_S{s + 1}", f"P{p + 1}", slide_seqs[0], slide_seqs[s + 1]))
-    if he_only:
-        seqs = patient_seqs[n_patients].spawn(2)
-        plan.append((f"P{n_patients + 1}_HE", f"P{n_patients + 1}", seqs[0], seqs[1]))
-
+    plan = _plan(patient_seqs, n_patients, slides_per_patient, he_only)
     rows, spots = [], {}
     he_name = plan[-1][0] if he_only else ""
     for sample, patient, patient_seq, slide_seq in plan:
-        # The patient's stain tone comes from the patient's own stream, so it is
-        # shared by that patient's slides.
-        patient_tone = patient_stain(np.random.default_rng(patient_seq))
-        rng = np.random.default_rng(slide_seq)
-        stain = slide_stain(rng, patient_tone)
-        h_px = int(round(rng.uniform(*slide_um) / MPP))
-        w_px = int(round(rng.uniform(*slide_um) / MPP))
-        truth = make_slide(rng, h_px, w_px, stain)
-        grid = spot_grid(rng, h_px, w_px)
-        feats = spot_features(truth, grid)
-        spots[sample] = feats
-        in_tissue = feats["in_tissue"].to_numpy() == 1
-        counts = sample_counts(rng, genes, feats[in_tissue], depth * float(np.exp(rng.normal(0, 0.15))))
-
-        sample_dir = out / sample
-        write_pyramidal_tiff(sample_dir / "image.tif", truth.image, mpp=MPP, workers=1)
-        write_tsv(out / "truth" / f"{sample}_spots.tsv", feats)
         expression = sample != he_name
-        if expression:
-            write_visium(sample_dir, sample, truth.image, feats, counts, genes)
-        else:
-            hidden = pd.DataFrame(counts, columns=genes["gene"])
-            hidden.insert(0, "barcode", feats.loc[in_tissue, "barcode"].to_numpy())
-            write_tsv(out / "truth" / f"{sample}_counts.tsv", hidden)
-        log.info(
-            "demo %s (%d/%d): %d x %d px, %d in-tissue spots, %.1f s so far",
-            sample, len(rows) + 1, len(plan), w_px, h_px, int(in_tissue.sum()), time.perf_counter() - t0,
-        )
-        rows.append(
-            {
-                "sample": sample,
-                "patient": patient,
-                "slide": f"{sample}/image.tif",
-                "format": "visium" if expression else "",
-                "counts": f"{sample}/outs/filtered_feature_bc_matrix.h5" if expression else "",
-                "positions": f"{sample}/outs/spatial/tissue_positions.csv" if expression else "",
-                "mpp": "",
-            }
-        )
-
-    write_tsv(out / "truth" / "genes.tsv", genes)
-    write_text(
-        out / "README.md",
-        _README.format(seed=seed, mpp=MPP, he=he_name or "(none)", own=OWN_RADIUS_UM, r0=RING_UM[0], r1=RING_UM[1]),
-    )
-    # The sample sheet is written last: its presence means the cohort is complete.
-    sheet = pd.DataFrame(rows, columns=["sample", "patient", "slide", "format", "counts", "positions", "mpp"])
-    write_tsv(out / "samples.tsv", sheet)
+        spots[sample] = _write_sample(out, sample, patient_seq, slide_seq, genes, slide_um, depth, expression,
+                                      f"({len(rows) + 1}/{len(plan)})", t0)
+        rows.append(_sheet_row(sample, patient, expression))
+    sheet = _finish(out, rows, genes, seed, he_name)
     return DemoCohort(
         out_dir=out,
         sample_sheet=out / "samples.tsv",
@@ -181,3 +101,80 @@ def make_demo_cohort(
         spots=spots,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _check_arguments(n_patients: int, slides_per_patient: int, n_genes: int, slide_um) -> None:
+    if n_patients < 1 or slides_per_patient < 1:
+        raise ValueError("need at least one patient with one slide")
+    if n_genes < 3:
+        raise ValueError(f"n_genes must be at least 3 (own, neighbourhood, flat), got {n_genes}")
+    if not 2 * EDGE_MARGIN_UM + 200 <= slide_um[0] <= slide_um[1]:
+        raise ValueError(f"slide_um must be an increasing range from {2 * EDGE_MARGIN_UM + 200:g} µm, got {slide_um}")
+
+
+def _plan(patient_seqs, n_patients: int, slides_per_patient: int, he_only: bool) -> list:
+    """(sample, patient, patient SeedSequence, slide SeedSequence) of every slide, in order."""
+    plan = []
+    for p in range(n_patients):
+        slide_seqs = patient_seqs[p].spawn(slides_per_patient + 1)
+        for s in range(slides_per_patient):
+            plan.append((f"P{p + 1}_S{s + 1}", f"P{p + 1}", slide_seqs[0], slide_seqs[s + 1]))
+    if he_only:
+        seqs = patient_seqs[n_patients].spawn(2)
+        plan.append((f"P{n_patients + 1}_HE", f"P{n_patients + 1}", seqs[0], seqs[1]))
+    return plan
+
+
+def _write_sample(out: Path, sample: str, patient_seq, slide_seq, genes: pd.DataFrame, slide_um, depth: float,
+                  expression: bool, position: str, t0: float) -> pd.DataFrame:
+    """Draw one slide, its spots and counts, and write them: Visium outputs, or hidden counts in
+    ``truth/`` for the H&E-only slide. Returns every grid spot with its ground-truth features."""
+    # The patient's stain tone comes from the patient's own stream, so it is shared by that
+    # patient's slides.
+    patient_tone = patient_stain(np.random.default_rng(patient_seq))
+    rng = np.random.default_rng(slide_seq)
+    stain = slide_stain(rng, patient_tone)
+    h_px = int(round(rng.uniform(*slide_um) / MPP))
+    w_px = int(round(rng.uniform(*slide_um) / MPP))
+    truth = make_slide(rng, h_px, w_px, stain)
+    grid = spot_grid(rng, h_px, w_px)
+    feats = spot_features(truth, grid)
+    in_tissue = feats["in_tissue"].to_numpy() == 1
+    counts = sample_counts(rng, genes, feats[in_tissue], depth * float(np.exp(rng.normal(0, 0.15))))
+
+    sample_dir = out / sample
+    write_pyramidal_tiff(sample_dir / "image.tif", truth.image, mpp=MPP, workers=1)
+    write_tsv(out / "truth" / f"{sample}_spots.tsv", feats)
+    if expression:
+        write_visium(sample_dir, sample, truth.image, feats, counts, genes)
+    else:
+        hidden = pd.DataFrame(counts, columns=genes["gene"])
+        hidden.insert(0, "barcode", feats.loc[in_tissue, "barcode"].to_numpy())
+        write_tsv(out / "truth" / f"{sample}_counts.tsv", hidden)
+    log.info("demo %s %s: %d x %d px, %d in-tissue spots, %.1f s so far", sample, position, w_px, h_px,
+             int(in_tissue.sum()), time.perf_counter() - t0)
+    return feats
+
+
+def _sheet_row(sample: str, patient: str, expression: bool) -> dict:
+    return {
+        "sample": sample,
+        "patient": patient,
+        "slide": f"{sample}/image.tif",
+        "format": "visium" if expression else "",
+        "counts": f"{sample}/outs/filtered_feature_bc_matrix.h5" if expression else "",
+        "positions": f"{sample}/outs/spatial/tissue_positions.csv" if expression else "",
+        "mpp": "",
+    }
+
+
+def _finish(out: Path, rows: list[dict], genes: pd.DataFrame, seed: int, he_name: str) -> pd.DataFrame:
+    """The gene truth, the README and, last, the sample sheet: its presence means the cohort is complete."""
+    write_tsv(out / "truth" / "genes.tsv", genes)
+    write_text(
+        out / "README.md",
+        _README.format(seed=seed, mpp=MPP, he=he_name or "(none)", own=OWN_RADIUS_UM, r0=RING_UM[0], r1=RING_UM[1]),
+    )
+    sheet = pd.DataFrame(rows, columns=["sample", "patient", "slide", "format", "counts", "positions", "mpp"])
+    write_tsv(out / "samples.tsv", sheet)
+    return sheet

@@ -162,42 +162,43 @@ def _voronoi_membranes(rng, shape, f_um, cell_um: float = 38.0) -> np.ndarray:
     return ndi.gaussian_filter(wall.astype(np.float32), 0.6)
 
 
-def make_slide(rng: np.random.Generator, height_px: int, width_px: int, stain: _Stain) -> SlideTruth:
-    """Draw one H&E-like slide and its ground-truth maps."""
-    f = int(round(FIELD_UM / MPP))  # level-0 pixels per field pixel
-    fh, fw = math.ceil(height_px / f), math.ceil(width_px / f)
-    shape = (fh, fw)
+def _per_region(labels: np.ndarray, key: str) -> np.ndarray:
+    """A region style's value at every field pixel (0 outside tissue)."""
+    lut = np.array([_REGION_STYLE[k][key] for k in REGION_TYPES] + [0.0], dtype=np.float32)
+    return lut[labels]  # label -1 picks the trailing 0 (background)
 
-    tissue = _tissue_mask(rng, shape, FIELD_UM)
 
-    # Region types: arg-max of smooth random fields -> blobs of a few hundred µm.
+def _region_labels(rng, shape, tissue: np.ndarray) -> np.ndarray:
+    """Region types: arg-max of smooth random fields -> blobs of a few hundred µm; -1 off tissue."""
     bias = _REGION_BIAS + rng.normal(0, 0.2, len(REGION_TYPES))
     fields = np.stack([_smooth_noise(rng, shape, 75 / FIELD_UM) + b for b in bias])
     labels = np.argmax(fields, axis=0).astype(np.int8)
     labels[~tissue] = -1
+    return labels
 
-    styles = [_REGION_STYLE[k] for k in REGION_TYPES]
 
-    def per_region(key):
-        lut = np.array([s[key] for s in styles] + [0.0], dtype=np.float32)
-        return lut[labels]  # label -1 picks the trailing 0 (background)
-
-    # Nuclei: inhomogeneous Poisson process; density varies inside regions at the
-    # scale of a spot, so "own" nucleus density is informative beyond region type.
-    density_mm2 = per_region("density") * np.exp(0.45 * _smooth_noise(rng, shape, 30 / FIELD_UM))
+def _nuclei(rng, shape, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nucleus centres (y, x in µm) and region types: an inhomogeneous Poisson process whose
+    density varies inside regions at the scale of a spot, so "own" nucleus density is informative
+    beyond region type."""
+    density_mm2 = _per_region(labels, "density") * np.exp(0.45 * _smooth_noise(rng, shape, 30 / FIELD_UM))
     lam = density_mm2 * (FIELD_UM**2) * 1e-6
     counts = rng.poisson(lam)
     iy, ix = np.nonzero(counts)
     rep = counts[iy, ix]
     ny = (np.repeat(iy, rep) + rng.random(rep.sum())) * FIELD_UM
     nx = (np.repeat(ix, rep) + rng.random(rep.sum())) * FIELD_UM
-    ntype = np.repeat(labels[iy, ix], rep)
+    return ny, nx, np.repeat(labels[iy, ix], rep)
 
-    # Cytoplasm / matrix stains on the field grid, with texture.
-    # The per-region base levels are blurred a little so that region borders do not
-    # show the staircase of the label grid; the textures below stay sharp.
-    h_bg = ndi.gaussian_filter(per_region("h_bg"), 0.8) * (1 + 0.25 * _smooth_noise(rng, shape, 6 / FIELD_UM))
-    eos = ndi.gaussian_filter(per_region("eosin"), 0.8) * (1 + 0.15 * _smooth_noise(rng, shape, 15 / FIELD_UM))
+
+def _stain_maps(rng, shape, labels: np.ndarray, tissue: np.ndarray, height_px: int, width_px: int):
+    """Cytoplasm / matrix hematoxylin and eosin at level 0, with texture: stroma fibres, adipose walls.
+
+    The per-region base levels are blurred a little so that region borders do not show the
+    staircase of the label grid; the textures stay sharp.
+    """
+    h_bg = ndi.gaussian_filter(_per_region(labels, "h_bg"), 0.8) * (1 + 0.25 * _smooth_noise(rng, shape, 6 / FIELD_UM))
+    eos = ndi.gaussian_filter(_per_region(labels, "eosin"), 0.8) * (1 + 0.15 * _smooth_noise(rng, shape, 15 / FIELD_UM))
     # Stroma fibres: anisotropic streaks whose orientation drifts smoothly.
     streak_h = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), (0.7, 5))
     streak_v = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), (5, 0.7))
@@ -212,11 +213,13 @@ def make_slide(rng: np.random.Generator, height_px: int, width_px: int, stain: _
     eos[is_fat] *= 0.05 + 0.95 * walls[is_fat]
     # Soft tissue border, then up to level-0 resolution.
     soft = ndi.gaussian_filter(tissue.astype(np.float32), 0.8)
-    h_bg = _upsample(h_bg * soft, height_px, width_px)
-    eos = _upsample(eos * soft, height_px, width_px)
+    return _upsample(h_bg * soft, height_px, width_px), _upsample(eos * soft, height_px, width_px)
 
-    # Nuclei rendered at full resolution from per-type stamp banks.
+
+def _render_nuclei(rng, ny, nx, ntype, height_px: int, width_px: int) -> np.ndarray:
+    """Nuclei hematoxylin at full resolution, stamped from per-type banks of ellipses."""
     nuc = np.zeros((height_px, width_px), np.float32)
+    styles = [_REGION_STYLE[k] for k in REGION_TYPES]
     banks = [_stamp_bank(rng, s["axes"]) for s in styles]
     h_nuc = np.array([s["h_nuc"] for s in styles], np.float32)
     choice = rng.integers(0, 24, len(ny))
@@ -232,11 +235,17 @@ def make_slide(rng: np.random.Generator, height_px: int, width_px: int, stain: _
             continue
         sub = s[ys - y0 : ye - y0, xs - x0 : xe - x0]
         np.maximum(nuc[ys:ye, xs:xe], sub, out=nuc[ys:ye, xs:xe])
+    return nuc
 
-    # Compose with Beer-Lambert optical densities, in row blocks to bound memory.
-    # Pixel-level noise (chromatin, sensor grain) comes from one seeded patch read
-    # at random offsets: indistinguishable at this amplitude and far cheaper than
-    # drawing tens of millions of normals.
+
+def _compose(rng, stain: _Stain, h_bg: np.ndarray, eos: np.ndarray, nuc: np.ndarray) -> np.ndarray:
+    """RGB from Beer-Lambert optical densities, in row blocks to bound memory.
+
+    Pixel-level noise (chromatin, sensor grain) comes from one seeded patch read at random
+    offsets: indistinguishable at this amplitude and far cheaper than drawing tens of millions
+    of normals.
+    """
+    height_px, width_px = nuc.shape
     block = 512
     patch = rng.standard_normal((2 * block, 2 * block, 4), dtype=np.float32)
     image = np.empty((height_px, width_px, 3), np.uint8)
@@ -254,5 +263,17 @@ def make_slide(rng: np.random.Generator, height_px: int, width_px: int, stain: _
             od = hmap[..., None] * h_vec + emap[..., None] * e_vec + _GLASS_OD
             rgb = (255.0 * stain.brightness) * np.exp(-od) + 2.0 * noise[..., :3]
             image[sy, sx] = np.clip(rgb, 0, 255).astype(np.uint8)
+    return image
 
+
+def make_slide(rng: np.random.Generator, height_px: int, width_px: int, stain: _Stain) -> SlideTruth:
+    """Draw one H&E-like slide and its ground-truth maps (each step draws from ``rng`` in turn)."""
+    f = int(round(FIELD_UM / MPP))  # level-0 pixels per field pixel
+    shape = (math.ceil(height_px / f), math.ceil(width_px / f))
+    tissue = _tissue_mask(rng, shape, FIELD_UM)
+    labels = _region_labels(rng, shape, tissue)
+    ny, nx, ntype = _nuclei(rng, shape, labels)
+    h_bg, eos = _stain_maps(rng, shape, labels, tissue, height_px, width_px)
+    nuc = _render_nuclei(rng, ny, nx, ntype, height_px, width_px)
+    image = _compose(rng, stain, h_bg, eos, nuc)
     return SlideTruth(image=image, labels=labels, nuclei_yx_um=np.stack([ny, nx], axis=1))

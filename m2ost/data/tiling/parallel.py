@@ -126,7 +126,7 @@ def _worker(slide_path, xy, plans, order, arena, slot_bytes, free_slots, out_que
 
 
 def iter_chunks(slide_path: str, xy: np.ndarray, plans: list[ReadPlan], workers: int = 1,
-                 stats: dict | None = None):
+                stats: dict | None = None):
     """Yield ``(spot indices, [view arrays], padded, tissue, digests)`` chunks from ``workers`` processes.
 
     With several workers the view arrays live in shared memory and are valid only until the
@@ -151,24 +151,8 @@ def iter_chunks(slide_path: str, xy: np.ndarray, plans: list[ReadPlan], workers:
              for w, part in enumerate(np.array_split(order, workers))]
     for p in procs:
         p.start()
-    running = len(procs)
     try:
-        while running:
-            try:
-                item = out_queue.get(timeout=5)
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs):
-                    raise RuntimeError("tiling workers died without reporting (killed, out of memory?)") from None
-                continue
-            if item[0] == "error":
-                raise RuntimeError(f"tiling worker failed: {item[2]}")
-            if item[0] == "done":
-                running -= 1
-                if stats is not None:
-                    stats["reader"] = item[2].get("reader")
-                    stats["tiles_decoded"] = stats.get("tiles_decoded", 0) + item[2].get("tiles_decoded", 0)
-                continue
-            _, w, slot, idx, padded, tissue, digests = item
+        for w, slot, idx, padded, tissue, digests in _worker_chunks(out_queue, procs, stats):
             yield idx, _slot_arrays(arena, slot * slot_bytes, plans, len(idx)), padded, tissue, digests
             free[w].put(slot)
     finally:
@@ -176,3 +160,25 @@ def iter_chunks(slide_path: str, xy: np.ndarray, plans: list[ReadPlan], workers:
             if p.is_alive():
                 p.terminate()
             p.join()
+
+
+def _worker_chunks(out_queue, procs: list, stats: dict | None):
+    """The workers' chunk messages ``(worker, slot, idx, padded, tissue, digests)`` until every worker
+    is done (their statistics added to ``stats``); a worker's error, or all dead, raises."""
+    running = len(procs)
+    while running:
+        try:
+            item = out_queue.get(timeout=5)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                raise RuntimeError("tiling workers died without reporting (killed, out of memory?)") from None
+            continue
+        if item[0] == "error":
+            raise RuntimeError(f"tiling worker failed: {item[2]}")
+        if item[0] == "done":
+            running -= 1
+            if stats is not None:
+                stats["reader"] = item[2].get("reader")
+                stats["tiles_decoded"] = stats.get("tiles_decoded", 0) + item[2].get("tiles_decoded", 0)
+            continue
+        yield item[1:]

@@ -37,6 +37,40 @@ def _damaged_slide_is_input_error(chunks, slide_path, sample):
                          "or truncated", file=slide_path, sample=sample) from None
 
 
+def _check_spots_inside(xy: np.ndarray, dims, slide_path, sample: str) -> None:
+    """All centres outside the slide is an error; some outside are warned (their views are padded)."""
+    inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < dims[0]) & (xy[:, 1] < dims[1])
+    if not inside.any():
+        raise InputError(f"all {len(xy)} spot centres lie outside the {dims[0]} x {dims[1]} px slide "
+                         "(wrong slide or wrong coordinate scale? a downscaled image needs slide_scale)",
+                         file=slide_path, sample=sample)
+    if not inside.all():
+        log.warning("%s: %d of %d spot centres lie outside the slide; their views are white and flagged",
+                    sample, int((~inside).sum()), len(xy))
+
+
+def _check_plans(plans, dims, mpp: float, slide_path, sample: str, max_upscale: float, allow_upscale: bool) -> None:
+    """Refuse a view larger than the slide, or upscaled beyond ``max_upscale``; log each view's reading."""
+    largest = max(range(len(plans)), key=lambda v: plans[v].fov0)
+    if plans[largest].fov0 > min(dims):
+        # No spot could have that view inside the slide: every spot would be padded in it.
+        raise InputError(f"the slide ({dims[0]} x {dims[1]} px) is smaller than view {largest} "
+                         f"({plans[largest].fov0:.0f} px = {plans[largest].fov0 * mpp:.0f} µm at {mpp:.4g} µm/px); "
+                         "check the slide's resolution and the views' fields of view", file=slide_path, sample=sample)
+    check_upscaling(sample, plans, mpp, max_upscale=max_upscale, allow=allow_upscale, file=slide_path)
+    for v, p in enumerate(plans):
+        log.info("%s: view %d: %.1f level-0 px read at level %d (downsample %.2f) as %d px -> %d px",
+                 sample, v, p.fov0, p.level, p.downsample, p.read_px, p.size_px)
+
+
+def _bundle_attrs(sample: str, slide_path, mpp: float, mpp_source: str, plans, strategy: str, dims) -> dict:
+    return {"sample": sample, "slide": str(slide_path), "mpp": float(mpp), "mpp_source": mpp_source,
+            "fov_um": [p.fov0 * mpp for p in plans], "fov_px": [p.fov0 for p in plans],
+            "size_px": [p.size_px for p in plans], "levels": [p.level for p in plans],
+            "strategy": strategy, "slide_bytes": os.path.getsize(slide_path),
+            "slide_width": int(dims[0]), "slide_height": int(dims[1])}
+
+
 def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], out_path, *,
                workers: int = 1, strategy: str = "pyramid", provenance: dict | None = None,
                mpp_source: str = "", progress: bool = True, max_upscale: float = MAX_UPSCALE,
@@ -50,30 +84,10 @@ def tile_slide(sample: str, slide_path, spots, mpp: float, views: list[View], ou
         dims = slide.dimensions
         downsamples = list(slide.level_downsamples)
     xy = spots[["x", "y"]].to_numpy(np.float64)
-    inside = (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < dims[0]) & (xy[:, 1] < dims[1])
-    if not inside.any():
-        raise InputError(f"all {len(xy)} spot centres lie outside the {dims[0]} x {dims[1]} px slide "
-                         "(wrong slide or wrong coordinate scale? a downscaled image needs slide_scale)",
-                         file=slide_path, sample=sample)
-    if not inside.all():
-        log.warning("%s: %d of %d spot centres lie outside the slide; their views are white and flagged",
-                    sample, int((~inside).sum()), len(xy))
+    _check_spots_inside(xy, dims, slide_path, sample)
     plans = plan_views(views, mpp, downsamples, strategy)
-    largest = max(range(len(plans)), key=lambda v: plans[v].fov0)
-    if plans[largest].fov0 > min(dims):
-        # No spot could have that view inside the slide: every spot would be padded in it.
-        raise InputError(f"the slide ({dims[0]} x {dims[1]} px) is smaller than view {largest} "
-                         f"({plans[largest].fov0:.0f} px = {plans[largest].fov0 * mpp:.0f} µm at {mpp:.4g} µm/px); "
-                         "check the slide's resolution and the views' fields of view", file=slide_path, sample=sample)
-    check_upscaling(sample, plans, mpp, max_upscale=max_upscale, allow=allow_upscale, file=slide_path)
-    for v, p in enumerate(plans):
-        log.info("%s: view %d: %.1f level-0 px read at level %d (downsample %.2f) as %d px -> %d px",
-                 sample, v, p.fov0, p.level, p.downsample, p.read_px, p.size_px)
-    attrs = {"sample": sample, "slide": str(slide_path), "mpp": float(mpp), "mpp_source": mpp_source,
-             "fov_um": [p.fov0 * mpp for p in plans], "fov_px": [p.fov0 for p in plans],
-             "size_px": [p.size_px for p in plans], "levels": [p.level for p in plans],
-             "strategy": strategy, "slide_bytes": os.path.getsize(slide_path),
-             "slide_width": int(dims[0]), "slide_height": int(dims[1])}
+    _check_plans(plans, dims, mpp, slide_path, sample, max_upscale, allow_upscale)
+    attrs = _bundle_attrs(sample, slide_path, mpp, mpp_source, plans, strategy, dims)
     padded_any = 0
     stats: dict = {}
     # HEST's coords: the top-left corner of view 0, exactly where the reader starts it.

@@ -13,7 +13,8 @@ attributes    sample, views (JSON: the bundle's fov_um / size_px), encoder (JSON
               format_version, provenance (JSON)
 
 Spots are read, encoded and written batch by batch, so memory stays bounded whatever the number
-of spots; the file gets its final name only when complete. ``bundle_digest`` (a hash of the
+of spots (``batch_size`` 0 / "auto": sized from the free memory, m2ost.learn.features.sizing); the
+file gets its final name only when complete, and the log gives the spots per second. ``bundle_digest`` (a hash of the
 bundle's spot ids and per-spot view digests) ties the file to the exact bundle it was computed
 from: :func:`read_embeddings` refuses a file whose bundle changed since.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,12 +36,16 @@ from tqdm.auto import tqdm
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
 from m2ost.learn.inputs.dataset import read_bundle_info
-from m2ost.learn.features.encoders import Encoder, stored_settings
+from m2ost.learn.features import sizing
+from m2ost.learn.features.encoders import TOKEN_KEYS, Encoder, stored_settings
 from m2ost.provenance import provenance_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# The token cache (float16) on disk: byte-shuffled and lzf-compressed, one chunk per spot and view
+# (docs/encoders.md gives the bytes per spot; encoder.token_grid shrinks it further).
+TOKEN_COMPRESSION = {"shuffle": True, "compression": "lzf"}
 
 
 def bundle_digest(bundle: str | os.PathLike, sample: str | None = None) -> str:
@@ -62,6 +68,16 @@ def _views_record(info: dict) -> list[dict]:
     return [{"fov_um": info["fov_um"][v], "size_px": info["size_px"][v]} for v in range(info["n_views"])]
 
 
+def _warn_resolution(encoder: Encoder, info: dict, sample: str) -> None:
+    """Warn of each view that reaches the encoder more than 2x away from its ``mpp``."""
+    mpp = encoder.settings.get("mpp")
+    for v in range(info["n_views"] if mpp else 0):
+        got = info["fov_um"][v] / int(encoder.settings["input_px"])
+        if not 0.5 <= got / float(mpp) <= 2.0:
+            log.warning("sample %s view %d reaches the encoder at %.2f um/px; it expects about %.2f",
+                        sample, v, got, float(mpp))
+
+
 def write_embeddings(encoder: Encoder, bundle: str | os.PathLike, out: str | os.PathLike, *,
                      sample: str | None = None, tokens: bool = False, batch_size: int = 64,
                      progress: bool = True) -> dict:
@@ -72,19 +88,14 @@ def write_embeddings(encoder: Encoder, bundle: str | os.PathLike, out: str | os.
     info = read_bundle_info(bundle, sample)
     sample = sample or info["sample"]
     n, n_views = info["n_spots"], info["n_views"]
-    mpp = encoder.settings.get("mpp")
-    if mpp:
-        for v in range(n_views):
-            got = info["fov_um"][v] / int(encoder.settings["input_px"])
-            if not 0.5 <= got / float(mpp) <= 2.0:
-                log.warning("sample %s view %d reaches the encoder at %.2f um/px; it expects about %.2f",
-                            sample, v, got, float(mpp))
+    _warn_resolution(encoder, info, sample)
     attrs = {"sample": sample, "views": json.dumps(_views_record(info)),
              "encoder": json.dumps(encoder.record(), sort_keys=True),
              "bundle_digest": bundle_digest(bundle, sample), "format_version": FORMAT_VERSION,
              "provenance": provenance_json({"encoder": encoder.record(), "tokens": bool(tokens),
                                             "bundle": str(bundle)})}
-    batch_size = max(1, int(batch_size))
+    batch_size = sizing.auto_batch_size(encoder, tokens) if sizing.wants_auto(batch_size) else max(1, int(batch_size))
+    started = time.perf_counter()
     with atomic_path(out) as tmp, h5py.File(bundle, "r") as src, h5py.File(tmp, "w") as dst:
         dst.create_dataset("barcode", data=src["barcode"][:], dtype=h5py.string_dtype())
         pooled = dst.create_dataset("pooled", (n, n_views, encoder.dim), np.float32,
@@ -101,7 +112,8 @@ def write_embeddings(encoder: Encoder, bundle: str | os.PathLike, out: str | os.
                         grid = grid_v.shape[1:3]
                         cells = grid[0] * grid[1]
                         tok = dst.create_dataset("tokens", (n, n_views, cells, grid_v.shape[-1]),
-                                                 np.float16, chunks=(1, 1, cells, grid_v.shape[-1]))
+                                                 np.float16, chunks=(1, 1, cells, grid_v.shape[-1]),
+                                                 **TOKEN_COMPRESSION)
                     tok[start:stop, v] = grid_v.reshape(stop - start, -1, grid_v.shape[-1]).astype(np.float16)
                 pooled[start:stop, v] = out_v
             bar.update(stop - start)
@@ -109,6 +121,9 @@ def write_embeddings(encoder: Encoder, bundle: str | os.PathLike, out: str | os.
         attrs["grid"] = np.asarray(grid, np.int64)
         for key, value in attrs.items():
             dst.attrs[key] = value
+    seconds = time.perf_counter() - started
+    log.info("embedded %d spots x %d views of %s in %.1f s: %.2f spots/s (batch %d, %s)", n, n_views, sample,
+             seconds, n / max(seconds, 1e-9), batch_size, encoder.device)
     return attrs
 
 
@@ -180,7 +195,7 @@ def read_embeddings(path: str | os.PathLike, sample: str | None = None, tokens: 
     if encoder is not None:
         had = stored_settings(stored) if "settings" in stored else {}
         # the pooled features do not depend on what the token grids carry
-        keys = [k for k in encoder.get("settings", {}) if tokens or k != "token_levels"]
+        keys = [k for k in encoder.get("settings", {}) if tokens or k not in TOKEN_KEYS]
         differ = [k for k in keys if had.get(k) != encoder["settings"][k]]
         if encoder.get("checksum") != stored.get("checksum"):
             differ.append("weights file checksum")

@@ -29,6 +29,7 @@ import timm
 import torch
 
 from m2ost.errors import InputError
+from m2ost.learn.features import presets
 from m2ost.learn.training.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,17 @@ ENCODER_DEFAULTS = {
     "token_levels": 2,
     "tokens": False,
     "batch_size": 64,
+    "preset": "",
+    "pool": "head",
+    "token_grid": 0,
 }
 # Settings that change what the encoder computes (the rest only how fast / what is stored).
-FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta", "levels", "token_levels")
+FEATURE_KEYS = ("name", "weights", "input_px", "mean", "std", "kwargs", "tta", "levels", "token_levels",
+                "preset", "pool", "token_grid")
+# Of those, the ones that change only the token grids (the pooled features do not depend on them).
+TOKEN_KEYS = ("token_levels", "token_grid")
+# What records written before a key existed were computed with.
+_OLD_RECORDS = {"levels": 0, "token_levels": 0, "preset": "", "pool": "head", "token_grid": 0}
 # tta: the 8 flips/rotations of the dihedral group as (quarter turns, then a left-right flip).
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
@@ -68,6 +77,12 @@ def encoder_settings(cfg: Mapping | None) -> dict:
     if unknown:
         raise InputError(f"unknown encoder settings: {', '.join(unknown)}")
     out.update(cfg or {})
+    out = presets.apply_preset(out, ENCODER_DEFAULTS)
+    if out["preset"] not in ("", "efficientnet-lite0") and out["weights"] == DEFAULT_WEIGHTS:
+        raise InputError(f"encoder.preset {out['preset']} needs encoder.weights: the vendor's "
+                         f"{presets.get(out['preset']).file}, downloaded beforehand")
+    if out["pool"] not in presets.POOLS:
+        raise InputError(f"encoder.pool must be one of {', '.join(presets.POOLS)}, got {out['pool']}")
     if int(out["input_px"]) < 16:
         raise InputError(f"encoder input_px must be >= 16, got {out['input_px']}")
     for key in ("mean", "std"):
@@ -75,7 +90,7 @@ def encoder_settings(cfg: Mapping | None) -> dict:
             raise InputError(f"encoder {key} needs 3 values (R, G, B), got {out[key]}")
     if min(out["std"]) <= 0:
         raise InputError(f"encoder std must be positive, got {out['std']}")
-    for key in ("levels", "token_levels"):
+    for key in ("levels", "token_levels", "token_grid"):
         if int(out[key]) < 0:
             raise InputError(f"encoder {key} must be >= 0, got {out[key]}")
     return out
@@ -83,8 +98,9 @@ def encoder_settings(cfg: Mapping | None) -> dict:
 
 def stored_settings(record: Mapping) -> dict:
     """The encoder settings of a model's or an embeddings file's record; records written before
-    ``levels`` / ``token_levels`` existed used the last feature map alone (0)."""
-    return {"levels": 0, "token_levels": 0, **record["settings"]}
+    ``levels`` / ``token_levels`` existed used the last feature map alone (0), before ``preset`` /
+    ``pool`` / ``token_grid`` no preset, timm's head and the native grid."""
+    return {**_OLD_RECORDS, **record["settings"]}
 
 
 def default_weights_file() -> Path:
@@ -244,7 +260,8 @@ class Encoder:
         self.token_levels = int(settings.get("token_levels", 0))
         self.n_inter = max(self.levels, self.token_levels)  # intermediate stages computed
         sizes = self._level_sizes()
-        self.blocks = [int(model.num_features)] + sizes[self.n_inter - self.levels:]
+        self.pool, self.token_grid = settings.get("pool", "head"), int(settings.get("token_grid", 0))
+        self.blocks = [presets.pooled_width(model, self.pool)] + sizes[self.n_inter - self.levels:]
         self.token_blocks = [int(model.num_features)] + sizes[self.n_inter - self.token_levels:]
         self.dim = sum(self.blocks)
 
@@ -271,9 +288,9 @@ class Encoder:
         ``token_levels`` intermediate maps) of x."""
         if not self.n_inter:
             feats = self.model.forward_features(x)
-            return feats, self.model.forward_head(feats, pre_logits=True).float(), []
+            return feats, presets.pool_features(self.model, feats, self.pool).float(), []
         feats, inter = self.model.forward_intermediates(x, indices=self.n_inter, intermediates_only=False)
-        pooled = [self.model.forward_head(feats, pre_logits=True).float()]
+        pooled = [presets.pool_features(self.model, feats, self.pool).float()]
         # NCHW maps (CNNs, and ViTs by default in timm) or NLC token sequences
         pooled += [t.float().mean(dim=(2, 3) if t.ndim == 4 else 1)
                    for t in inter[self.n_inter - self.levels:]]
@@ -301,14 +318,15 @@ class Encoder:
         then carries its area's texture and cell-scale patterns beside the output's features
         (on HER2+ validation spots, M2OST over them higher on 5 of 6 splits, docs/benchmarks.md)."""
         grid = self._as_grid(feats, skip=int(getattr(self.model, "num_prefix_tokens", 0)))
-        if not stages:
-            return grid
         hw = grid.shape[1:3]
+        if self.token_grid and self.token_grid < hw[0]:  # encoder.token_grid: a smaller cache
+            hw = (self.token_grid, self.token_grid)
         parts = [grid.float()]
         for t in stages:  # forward_intermediates gives NCHW maps, or NLC without prefix tokens
-            m = t.float() if t.ndim == 4 else self._as_grid(t.float(), 0).permute(0, 3, 1, 2)
-            parts.append(torch.nn.functional.adaptive_avg_pool2d(m, hw).permute(0, 2, 3, 1))
-        return torch.cat(parts, dim=-1)
+            parts.append(t.float() if t.ndim == 4 else self._as_grid(t.float(), 0).permute(0, 3, 1, 2))
+        parts[0] = parts[0].permute(0, 3, 1, 2)
+        pool = torch.nn.functional.adaptive_avg_pool2d
+        return torch.cat([pool(m, hw) if m.shape[-2:] != hw else m for m in parts], dim=1).permute(0, 2, 3, 1)
 
     def _as_grid(self, feats: torch.Tensor, skip: int) -> torch.Tensor:
         """(B, h, w, C) of an NCHW map, or of an NLC sequence after its ``skip`` prefix tokens."""
@@ -353,16 +371,24 @@ class Encoder:
 def create_backbone(settings: Mapping, load_weights: bool = True) -> tuple[torch.nn.Module, Path | None]:
     """The timm network of checked encoder ``settings`` and the weights file it was loaded from
     (``load_weights=False``: as initialised, for a model whose stored weights replace them)."""
+    preset = settings.get("preset") or ""
     try:
         model = timm.create_model(settings["name"], pretrained=False, num_classes=0,
-                                  **dict(settings["kwargs"]))
+                                  **presets.timm_kwargs(settings["kwargs"]))
     except (RuntimeError, TypeError, ValueError) as err:
         raise InputError(f"encoder '{settings['name']}' cannot be built by timm: "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    model = presets.shape_model(model, preset)
     if not load_weights:
         return model, None
     path = weights_path(settings)
-    model.load_state_dict(_fit_state_dict(read_state_dict(path), model, path), strict=False)
+    try:
+        sd = presets.drop_keys(read_state_dict(path), preset)
+        model.load_state_dict(_fit_state_dict(sd, model, path), strict=False)
+    except InputError as err:
+        if preset:
+            err.problem += f" (encoder.preset {preset}: {presets.get(preset).file})"
+        raise
     return model, path
 
 
