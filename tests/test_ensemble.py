@@ -115,6 +115,10 @@ def test_ensemble_is_at_least_its_best_member_on_the_validation_spots(members):
     payload = torch.load(members["out"] / "model.pt", weights_only=True)
     val = payload["val_gene_pcc_per_gene"]
     assert set(val) == set(payload["genes"]) and np.nanmean(list(val.values())) > 0
+    # the ensemble's own interval calibration, from its weighted validation predictions, and each kept
+    # member's (m2ost.learn.training.calibration.validation_record)
+    assert payload["intervals"]["scores"].shape[1] == len(payload["genes"])
+    assert all("intervals" in m for m in payload["state"]["members"])
 
 
 def test_members_that_held_out_other_spots_or_genes_are_refused(study, members, tmp_path):

@@ -120,6 +120,7 @@ def test_view0_probe_uses_view_0_only(study, embedded, tmp_path):
     payload = torch.load(tmp_path / "model.pt", weights_only=True)
     assert payload["views"] == [0] and payload["state"]["components"].shape[1] == 1752
     assert len(payload["genes"]) == N_GENES
+    assert payload["intervals"]["scores"].shape[1] == N_GENES  # calibrated on the validation spots
 
 
 def test_model_stores_the_encoder_settings_not_its_weights(ridge_ab, embedded, tmp_path):

@@ -76,7 +76,8 @@ def evaluate(args) -> None:
     evaluate_model(args.model, parse_pairs(args.bundle, "--bundle"), expressions, list(expressions), args.out_dir,
                    model_name=args.name, split=args.split, device=settings.get("device"),
                    batch_size=settings.get("batch_size"), workers=settings.get("workers", 0),
-                   map_gene=settings.get("map_gene"),
+                   map_gene=settings.get("map_gene"), interval_level=settings.get("interval_level"),
+                   interval_calibration=settings.get("interval_calibration"),
                    embeddings=parse_pairs(args.embeddings, "--embeddings") if args.embeddings else None)
 
 
@@ -84,7 +85,9 @@ def predict(args) -> None:
     settings = parse_settings(args.settings)
     adata = predict_bundle(args.model, args.bundle, args.out, sample=args.sample,
                            device=settings.get("device"), batch_size=settings.get("batch_size"),
-                           target_sum=settings.get("target_sum"), spot_diameter_um=settings.get("spot_diameter_um"))
+                           target_sum=settings.get("target_sum"), spot_diameter_um=settings.get("spot_diameter_um"),
+                           interval_level=settings.get("interval_level"),
+                           interval_calibration=settings.get("interval_calibration"))
     prediction_outputs(adata, args.png, args.geojson, settings.get("map_genes"), settings.get("n_map_genes"))
 
 

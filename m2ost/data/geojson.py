@@ -59,13 +59,17 @@ def write_geojson(collection: dict, path) -> None:
 def prediction_geojson(adata, diameter_px: float, path, classification: str = "m2ost prediction",
                        measured_layer: str | None = None) -> None:
     """GeoJSON of an h5ad of predictions (spots x genes, ``obsm["spatial"]`` level-0 centres):
-    one measurement per gene (the prediction), and ``measured: GENE`` from ``measured_layer``."""
+    one measurement per gene (the prediction), ``measured: GENE`` from ``measured_layer``, and
+    ``lower: GENE`` / ``upper: GENE``, the prediction interval, from the layers that
+    ``uns["m2ost"]["intervals"]`` names (when present)."""
     x = np.asarray(adata.X)
     genes = list(map(str, adata.var_names))
     values = {g: x[:, j] for j, g in enumerate(genes)}
-    if measured_layer:
-        measured = np.asarray(adata.layers[measured_layer])
-        values.update({f"measured: {g}": measured[:, j] for j, g in enumerate(genes)})
+    layers = [(measured_layer, "measured")] if measured_layer else []
+    record = adata.uns.get("m2ost", {}).get("intervals") or {}
+    layers += [(record[b], b) for b in ("lower", "upper") if b in record]
+    for layer, label in layers:
+        values.update({f"{label}: {g}": v for g, v in zip(genes, np.asarray(adata.layers[layer]).T)})
     ids = adata.obs["spot"].astype(str).to_numpy() if "spot" in adata.obs else np.asarray(adata.obs_names, str)
     write_geojson(spot_features(ids, np.asarray(adata.obsm["spatial"], float), diameter_px, values,
                                 classification), path)

@@ -63,23 +63,28 @@ def who(model_name: str, split: str | None, sample: str) -> str:
 
 def plot_sample(targets: np.ndarray, pred: np.ndarray, per_gene: pd.DataFrame, tissue: Tissue,
                 out_dir: str | os.PathLike, sample: str, model_name: str, unit: str,
-                chosen_gene: str | None = None, split: str | None = None) -> list[Path]:
-    """The evaluation figures of one held-out sample (see the module docstring)."""
-    figs = sample_figures(targets, pred, per_gene, tissue, sample, model_name, unit, chosen_gene, split)
+                chosen_gene: str | None = None, split: str | None = None, widths: np.ndarray | None = None,
+                level: float | None = None) -> list[Path]:
+    """The evaluation figures of one held-out sample (see the module docstring); ``widths``
+    (spots x genes, the prediction intervals' widths at ``level``) add an uncertainty map per gene."""
+    figs = sample_figures(targets, pred, per_gene, tissue, sample, model_name, unit, chosen_gene, split,
+                          widths, level)
     return [_savefig(fig, Path(out_dir) / figure_name(sample, name)) for name, fig in figs.items()]
 
 
 def sample_figures(targets: np.ndarray, pred: np.ndarray, per_gene: pd.DataFrame, tissue: Tissue, sample: str,
-                   model_name: str, unit: str, chosen_gene: str | None = None, split: str | None = None) -> dict:
+                   model_name: str, unit: str, chosen_gene: str | None = None, split: str | None = None,
+                   widths: np.ndarray | None = None, level: float | None = None) -> dict:
     """figure name (:data:`EVALUATION_FIGURES`) -> the figure, titled with model, split and sample."""
     rows = []
     constant = bool((np.ptp(pred, axis=0) == 0).all())
     for label, j in gene_picks(per_gene, targets, pred, chosen_gene):
         gene, r = per_gene.loc[j, "gene"], per_gene.loc[j, "pcc"]
         note = "constant prediction, PCC undefined" if constant else _pcc_text(r)
-        rows.append((f"{gene} ({label})", targets[:, j], pred[:, j], note))
+        rows.append((f"{gene} ({label})", targets[:, j], pred[:, j], note)
+                    + (() if widths is None else (widths[:, j],)))
     title = who(model_name, split, sample)
-    return {"maps": measured_vs_predicted(tissue, rows, unit, title),
+    return {"maps": measured_vs_predicted(tissue, rows, unit, title, width_label(level)),
             "genes": gene_scores(targets, pred, per_gene, unit, title)}
 
 
@@ -139,6 +144,11 @@ def _pcc_bars(ax, per_gene: pd.DataFrame, constant: bool) -> None:
     ax.set_title("per-gene PCC" + (" (constant prediction: r undefined)" if constant else ""), fontsize=9)
 
 
+def width_label(level: float | None) -> str:
+    """What an uncertainty map shows."""
+    return f"{level:.0%} interval width" if level else "interval width"
+
+
 def most_variable(x: np.ndarray, names, n: int) -> list[str]:
     order = np.argsort(-np.asarray(x).var(axis=0), kind="stable")[:n]
     return [str(names[g]) for g in order]
@@ -155,7 +165,11 @@ def plot_prediction_maps(adata, tissue: Tissue, out_png, unit: str, genes: list[
     labels = {g: g if val is None or not np.isfinite(val[g]) else f"{g} (validation PCC {val[g]:.2f})"
               for g in chosen}
     heading = (title or "predicted expression") + "\n" + model_line(adata.uns.get("m2ost", {}).get("model_file"))
-    fig = gene_panels(tissue, {labels[g]: x[:, names.index(g)] for g in chosen}, unit, heading)
+    bounds = adata.uns.get("m2ost", {}).get("intervals") or {}
+    widths = ({labels[g]: np.asarray(adata.layers[bounds["upper"]] - adata.layers[bounds["lower"]])[:, names.index(g)]
+               for g in chosen} if bounds else None)
+    fig = gene_panels(tissue, {labels[g]: x[:, names.index(g)] for g in chosen}, unit, heading, widths=widths,
+                      width_label=width_label(bounds.get("level")))
     _savefig(fig, Path(out_png))
     return chosen
 

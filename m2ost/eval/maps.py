@@ -25,6 +25,8 @@ SPOT_ALPHA = 0.8
 CMAP = "viridis"
 # Robust colour limits: the 1st and 99th percentiles, so a few extreme spots do not wash out the map.
 LIMIT_PERCENTILES = (1.0, 99.0)
+WIDTH_CMAP = "magma"  # interval widths: their own scale and colours, apart from expression
+PADDED_COLOUR = "red"
 # Panel titles: 9 pt, wrapped at 44 characters (a 4-inch panel holds about 50 at 9 pt).
 TITLE_SIZE = 9
 TITLE_CHARS = 44
@@ -41,6 +43,7 @@ class Tissue:
     mpp: float
     image: np.ndarray | None = None
     scalef: float = 1.0
+    padded: np.ndarray | None = None  # spots whose views reached past the slide: ringed on the maps
 
     @classmethod
     def from_spatial(cls, xy, mpp: float, entry: dict | None, diameter_px: float) -> Tissue:
@@ -109,8 +112,19 @@ def draw_spots(ax, tissue: Tissue, values: np.ndarray, norm: Normalize, cmap: st
     spots = PatchCollection(discs, cmap=cmap, norm=norm, alpha=SPOT_ALPHA, linewidths=0)
     spots.set_array(np.asarray(values, float))
     ax.add_collection(spots)
+    mark_padded(ax, tissue)
     scale_bar(ax, tissue)
     return spots
+
+
+def mark_padded(ax, tissue: Tissue) -> None:
+    """Ring the spots whose views were padded (reached outside the slide), named in the legend."""
+    if tissue.padded is None or not np.any(tissue.padded):
+        return
+    rings = [Circle((x, y), tissue.diameter_px / 2) for x, y in tissue.xy[np.asarray(tissue.padded, bool)]]
+    ax.add_collection(PatchCollection(rings, facecolor="none", edgecolor=PADDED_COLOUR, linewidths=0.8))
+    ax.plot([], [], "o", mfc="none", mec=PADDED_COLOUR, label="view padded")
+    ax.legend(loc="lower left", fontsize=6, framealpha=0.7)
 
 
 def panel_title(text: str, width: int = TITLE_CHARS) -> str:
@@ -129,13 +143,17 @@ def value_map(fig, ax, tissue: Tissue, values: np.ndarray, title: str, unit: str
     return spots
 
 
-def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.ndarray, str]], unit: str,
-                          title: str):
+def measured_vs_predicted(tissue: Tissue, rows: list[tuple], unit: str, title: str, width_label: str = ""):
     """One row per gene: H&E (titled with the row's label), measured, predicted (titled with
     ``predicted_note``), on one colour scale per row. ``rows`` holds (row label, measured values,
-    predicted values, predicted_note). Returns the figure."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.3 * len(rows)), squeeze=False, layout="constrained")
-    for (label, measured, predicted, note), ax_row in zip(rows, axes):
+    predicted values, predicted_note[, interval widths]); with widths, a fourth panel maps them on
+    their own scale (``width_label`` names them). Returns the figure."""
+    n_cols = 4 if any(len(r) > 4 for r in rows) else 3
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(4.3 * n_cols, 4.3 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for (label, measured, predicted, note, *width), ax_row in zip(rows, axes):
+        if width:
+            uncertainty_panel(fig, ax_row[3], tissue, width[0], width_label, unit)
         draw_tissue(ax_row[0], tissue)
         scale_bar(ax_row[0], tissue)
         ax_row[0].set_title(panel_title(f"H&E · {label}"), fontsize=TITLE_SIZE)
@@ -143,16 +161,22 @@ def measured_vs_predicted(tissue: Tissue, rows: list[tuple[str, np.ndarray, np.n
         value_map(fig, ax_row[1], tissue, measured, "measured", unit, norm)
         spots = value_map(fig, ax_row[2], tissue, predicted, f"predicted ({note})" if note else "predicted",
                           unit, norm)
-        bar = fig.colorbar(spots, ax=list(ax_row), shrink=0.8)  # space taken from the row, panels stay equal
+        bar = fig.colorbar(spots, ax=list(ax_row[:3]), shrink=0.8)  # space taken from the row, panels stay equal
         bar.set_label(unit, fontsize=8)
     fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return fig
 
 
-def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4):
+def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4,
+                widths: dict[str, np.ndarray] | None = None, width_label: str = "interval width"):
     """The H&E, then one map per entry of ``values`` (title -> per-spot values), each on its own
-    robust scale. Returns the figure."""
-    n = len(values) + 1
+    robust scale; with ``widths`` (title -> interval widths), each map is followed by its widths'
+    map, in pairs. Returns the figure."""
+    widths = widths or {}
+    panels = [None] + ([False] if widths and cols % 2 == 0 else [])  # pairs start at an even column
+    for name in values:
+        panels += [("values", name)] + ([("width", name)] if name in widths else [])
+    n = len(panels)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
@@ -160,9 +184,19 @@ def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title:
     draw_tissue(flat[0], tissue)
     scale_bar(flat[0], tissue)
     flat[0].set_title("H&E", fontsize=TITLE_SIZE)
-    for ax, (name, v) in zip(flat[1:], values.items()):
-        value_map(fig, ax, tissue, v, name, unit)
+    for ax, panel in zip(flat[1:], panels[1:]):
+        if not panel:
+            ax.axis("off")
+        elif panel[0] == "width":
+            uncertainty_panel(fig, ax, tissue, widths[panel[1]], f"{panel[1]}: {width_label}", unit)
+        else:
+            value_map(fig, ax, tissue, values[panel[1]], panel[1], unit)
     for ax in flat[n:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return fig
+
+
+def uncertainty_panel(fig, ax, tissue: Tissue, width: np.ndarray, title: str, unit: str) -> None:
+    """A map of interval widths on its own scale and colours (with its colour bar)."""
+    value_map(fig, ax, tissue, width, title, f"interval width, {unit}", cmap=WIDTH_CMAP)

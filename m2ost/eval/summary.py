@@ -12,12 +12,15 @@ import pandas as pd
 
 from m2ost.atomic import atomic_path
 from m2ost.errors import InputError
+from m2ost.eval.intervals import INTERVAL_METRICS
 from m2ost.eval.metrics import TOP_K
 
 # The gene_pcc columns average the genes whose Pearson r is defined (n_genes_defined of them);
-# NaN ("undefined"), e.g. for a constant predictor, where no gene has one.
+# NaN ("undefined"), e.g. for a constant predictor, where no gene has one. interval_*: coverage
+# of the prediction intervals on the held-out spots (mean over genes, the 10th percentile over
+# genes) and their mean width (m2ost.eval.intervals.interval_scores).
 SUMMARY_METRICS = ("gene_pcc_mean", "n_genes_defined", "gene_pcc_median", f"gene_pcc_top{TOP_K}",
-                   "spot_pcc_paper", "rmse", "mae")
+                   "spot_pcc_paper", "rmse", "mae", *INTERVAL_METRICS)
 
 
 

@@ -28,6 +28,10 @@ SUMMARY_NOTES = {
                       "mean expression between genes: a constant average profile scores high on it",
     "rmse": "root mean squared error of the normalised expression (log1p CP10k)",
     "mae": "mean absolute error of the normalised expression",
+    "interval_coverage": "share of held-out spots whose measured value lies inside its prediction interval "
+                         "(level intervals.level), mean over genes",
+    "interval_coverage_gene_p10": "the same for the worst tenth of genes (10th percentile over genes)",
+    "interval_width": "the prediction intervals' mean width (docs/uncertainty.md)",
 }
 
 QUALITY_NOTES = {

@@ -44,10 +44,16 @@ def eval_batch_size(train: Mapping) -> int:
     return int(train["eval_batch_size"]) or 2 * int(train["batch_size"])
 
 
+def interval_settings(config: Mapping) -> dict:
+    """The prediction intervals' level and calibration (evaluate and predict jobs)."""
+    return {"interval_level": config["intervals"]["level"],
+            "interval_calibration": config["intervals"]["calibration"]}
+
+
 def eval_settings(config: Mapping) -> dict:
     """The ``--settings`` of an ``evaluate`` job."""
     return {"device": config["train"]["device"], "batch_size": eval_batch_size(config["train"]),
-            "map_gene": config["evaluate"]["map_gene"]}
+            "map_gene": config["evaluate"]["map_gene"], **interval_settings(config)}
 
 
 def predict_settings(config: Mapping) -> dict:
@@ -56,7 +62,8 @@ def predict_settings(config: Mapping) -> dict:
     predict = config["predict"]
     return {"device": config["train"]["device"], "batch_size": predict["batch_size"],
             "target_sum": config["expression"]["target_sum"],
-            **{key: predict[key] for key in ("spot_diameter_um", "map_genes", "n_map_genes")}}
+            **{key: predict[key] for key in ("spot_diameter_um", "map_genes", "n_map_genes")},
+            **interval_settings(config)}
 
 
 def grid_settings(config: Mapping) -> dict:

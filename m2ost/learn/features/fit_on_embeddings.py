@@ -18,6 +18,7 @@ import numpy as np
 
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
+from m2ost.learn.training.calibration import validation_record
 from m2ost.learn.training.checkpoints import model_payload, save_checkpoint, write_log
 from m2ost.learn.inputs.dataset import load_samples
 from m2ost.learn.training.device import seed_everything
@@ -116,6 +117,9 @@ def fit_feature_model(kind: str, bundles: Mapping[str, str], expressions: Mappin
     fp = model_fingerprint(kind, stored_cfg, genes, views, img_size, fov)
     payload = model_payload(kind, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
     payload.update(state=model.state(), encoder=record, grid=list(train.grid))
+    if len(val):  # per-gene Pearson and interval calibration on the validation spots
+        payload.update(validation_record(val.y, model.predict(val.x, tuple(val.grid), pooled=val.pooled),
+                                         val.group, genes, int(cfg["seed"])))
     out_dir = Path(out_dir)
     save_checkpoint(payload, out_dir / "model.pt")
     write_log(rows, out_dir / "log.csv")

@@ -26,7 +26,7 @@ import numpy as np
 
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
-from m2ost.eval.metrics import gene_pcc_by_group
+from m2ost.learn.training.calibration import validation_record
 from m2ost.learn.training.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
 from m2ost.learn.inputs.dataset import load_samples
 from m2ost.learn.inference.heldout import predict_sample
@@ -158,7 +158,7 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     payload = model_payload(ENSEMBLE, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
     payload["state"] = {"weights": [w for _, w in kept], "members": [payloads[n] for n, _ in kept]}
     ensemble_pred = sum(w * p for w, p in zip(weights, preds) if w)
-    payload["val_gene_pcc_per_gene"] = gene_pcc_by_group(truth, ensemble_pred, group, genes)
+    payload.update(validation_record(truth, ensemble_pred, group, genes, int(cfg["seed"])))
     out_dir = Path(out_dir)
     save_checkpoint(payload, out_dir / "model.pt")
     write_log(rows, out_dir / "log.csv")

@@ -5,7 +5,9 @@
 ``per_gene/{sample}.tsv``        gene, pcc, defined, rmse, mae, mean_true, mean_pred
 ``summary.json``                 per-sample scores and their mean over the held-out samples
 ``predictions.h5ad``             held-out spots x panel genes: X = prediction,
-                                 layers["measured"], obs sample/spot, obsm["spatial"],
+                                 layers["measured"], layers["lower"]/["upper"] (the prediction
+                                 intervals, named in uns["m2ost"]["intervals"]), obs
+                                 sample/spot/padded, obsm["spatial"],
                                  uns["spatial"] (H&E for scanpy/squidpy), unit and per-gene PCC in var
 ``figures/{sample}.maps.jpg``    measured vs predicted over the H&E: best, median (and chosen) gene
 ``figures/{sample}.genes.png``   per-gene Pearson of the panel; scatter of the best and median gene
@@ -31,6 +33,7 @@ from m2ost.data.geojson import prediction_geojson
 from m2ost.data.spatial import recorded_unit, sample_spatial
 from m2ost.errors import InputError
 from m2ost.eval.figures import plot_sample
+from m2ost.eval.intervals import CALIBRATIONS, INTERVAL_METRICS, interval_scores, intervals, quantile_level
 from m2ost.eval.maps import Tissue
 from m2ost.eval.metrics import MIN_SPOTS, score
 from m2ost.eval.summary import SUMMARY_METRICS, jsonable
@@ -38,6 +41,7 @@ from m2ost.learn.inputs.dataset import SampleData, check_same_views, load_sample
 from m2ost.learn.features.embeddings import read_embeddings
 from m2ost.learn.inputs.loader import SpotDataset
 from m2ost.learn.inference.predictor import Predictor, load_model
+from m2ost.learn.training.calibration import calibration_of
 from m2ost.plan.settings import eval_settings
 from m2ost.plan.kinds import ENSEMBLE, FEATURE_KINDS
 from m2ost.provenance import provenance
@@ -94,7 +98,8 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              out_dir: str | os.PathLike, *, model_name: str | None = None,
              split: str | None = None, device: str | None = None, batch_size: int | None = None,
              workers: int = 0, figures: bool = True, progress: bool = False,
-             map_gene: str | None = None, embeddings: Mapping[str, str] | None = None) -> dict:
+             map_gene: str | None = None, embeddings: Mapping[str, str] | None = None,
+             interval_level: float | None = None, interval_calibration: str | None = None) -> dict:
     """Predict every spot (with expression) of each held-out sample and score it.
 
     Parameters
@@ -120,6 +125,10 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
         A gene mapped besides the best and the median one (when in the panel).
     embeddings
         sample -> cached embeddings (feature kinds): read instead of encoding the views.
+    interval_level, interval_calibration
+        The prediction intervals (``intervals.level`` and ``intervals.calibration`` by default):
+        their coverage and width on the held-out spots are scored for every calibration, the
+        chosen one's go into the means, the h5ad layers, the GeoJSON and the maps.
 
     Returns
     -------
@@ -128,10 +137,15 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     """
     if not test_samples:
         raise InputError("no held-out samples to evaluate")
-    workflow = eval_settings({"train": defaults.section("train"), "evaluate": defaults.section("evaluate")})
+    workflow = eval_settings({k: defaults.section(k) for k in ("train", "evaluate", "intervals")})
     device = workflow["device"] if device is None else device
+    level = workflow["interval_level"] if interval_level is None else float(interval_level)
+    calibration = workflow["interval_calibration"] if interval_calibration is None else interval_calibration
     batch_size = workflow["batch_size"] if batch_size is None else batch_size
     predictor = load_model(model_file, device)
+    state = calibration_of(predictor.meta, str(model_file))
+    if state is not None:
+        quantile_level(state, level, calibration)  # a bad level or calibration fails before any work
     out_dir = Path(out_dir)
     name = model_name or predictor.kind
     per_sample, blocks, loaded = {}, [], {}
@@ -156,17 +170,22 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
         pred = predict_sample(predictor, data, batch_size, workers, progress,
                               (embeddings or {}).get(s))
         per_gene, summary = score(data.targets, pred, predictor.genes, sample=s)
+        bounds, by_calibration = sample_intervals(state, data.targets, pred, level, calibration)
+        summary.update(by_calibration.get(calibration, dict.fromkeys(INTERVAL_METRICS, float("nan"))))
+        summary["intervals_by_calibration"] = by_calibration
         with atomic_path(out_dir / "per_gene" / f"{s}.tsv") as tmp:
             per_gene.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
         per_sample[s] = summary
-        blocks.append((data, pred, per_gene))
+        blocks.append((data, pred, per_gene, bounds))
         entry, mpp, diameter_px = sample_spatial(s, bundles[s], expressions[s])
         if entry:
             spatial[s] = entry
         if figures:
             tissue = Tissue.from_spatial(data.centers, mpp, entry, diameter_px)
-            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene, split)
-            prediction_geojson(_sample_adata(data, pred, predictor.genes), diameter_px,
+            tissue.padded = data.padded.any(axis=1)
+            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene, split,
+                        widths=None if bounds is None else bounds[1] - bounds[0], level=level)
+            prediction_geojson(_sample_adata(data, pred, predictor.genes, bounds, level), diameter_px,
                                out_dir / "qupath" / f"{s}.geojson", f"{name} prediction",
                                measured_layer="measured")
 
@@ -179,6 +198,7 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
               "n_genes": len(predictor.genes), "mean": means, "samples": per_sample,
               "model_file": str(model_file), "best_epoch": predictor.meta.get("best_epoch"),
               "primary_metric": "gene_pcc_mean",
+              "intervals": interval_summary(state, per_sample, level, calibration),
               "provenance": provenance({"model_fingerprint": predictor.meta.get("fingerprint"),
                                         "device": device, "batch_size": batch_size})}
     _write_predictions(blocks, predictor, out_dir / "predictions.h5ad", result, unit, spatial)
@@ -187,36 +207,82 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     return result
 
 
-def _sample_adata(data, pred: np.ndarray, genes) -> anndata.AnnData:
-    """One sample's predictions and measurements (for its GeoJSON)."""
-    return anndata.AnnData(X=pred.astype(np.float32), obs=pd.DataFrame({"spot": data.spot_ids.astype(str)}),
-                           var=pd.DataFrame(index=pd.Index(genes, name="gene")),
-                           layers={"measured": data.targets.astype(np.float32)}, obsm={"spatial": data.centers})
+def sample_intervals(state: dict | None, truth: np.ndarray, pred: np.ndarray, level: float,
+                     calibration: str) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict]:
+    """The chosen calibration's (lower, upper) bounds, and every calibration's interval scores on
+    the sample's spots ({} and None for a model without calibration)."""
+    if state is None:
+        return None, {}
+    bounds, scores = None, {}
+    for c in CALIBRATIONS:
+        lower, upper = intervals(state, pred, level, c)
+        scores[c] = interval_scores(truth, lower, upper)
+        if c == calibration:
+            bounds = (lower, upper)
+    return bounds, scores
+
+
+def interval_summary(state: dict | None, per_sample: dict, level: float, calibration: str) -> dict:
+    """summary.json's ``intervals``: the level, the calibration chosen, and per calibration the
+    quantile level used and the mean interval scores over the held-out samples."""
+    out = {"level": level, "calibration": calibration, "calibrated": state is not None}
+    if state is None:
+        return out
+    out["n_calibration"] = int(state["n_calibration"])
+    out["difficulty_penalty"] = float(state["head"]["penalty"])
+    out["by_calibration"] = {
+        c: {"quantile_level": quantile_level(state, level, c),
+            **{k: float(np.mean([v["intervals_by_calibration"][c][k] for v in per_sample.values()]))
+               for k in INTERVAL_METRICS}} for c in CALIBRATIONS}
+    return out
+
+
+def interval_layers(bounds, level: float) -> tuple[dict, dict]:
+    """(layers, uns record) of an AnnData's prediction intervals (nothing without bounds)."""
+    if bounds is None:
+        return {}, {}
+    return ({"lower": np.asarray(bounds[0], np.float32), "upper": np.asarray(bounds[1], np.float32)},
+            {"lower": "lower", "upper": "upper", "level": float(level)})
+
+
+def _sample_adata(data, pred: np.ndarray, genes, bounds=None, level: float = 0.0) -> anndata.AnnData:
+    """One sample's predictions, measurements and intervals (for its GeoJSON)."""
+    layers, record = interval_layers(bounds, level)
+    adata = anndata.AnnData(X=pred.astype(np.float32), obs=pd.DataFrame({"spot": data.spot_ids.astype(str)}),
+                            var=pd.DataFrame(index=pd.Index(genes, name="gene")),
+                            layers={"measured": data.targets.astype(np.float32), **layers},
+                            obsm={"spatial": data.centers})
+    adata.uns["m2ost"] = {"intervals": record} if record else {}
+    return adata
 
 
 def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict, unit: str, spatial: dict) -> None:
-
     obs = pd.DataFrame({
-        "sample": np.concatenate([[d.sample] * len(d) for d, _, _ in blocks]),
-        "spot": np.concatenate([d.spot_ids for d, _, _ in blocks]).astype(str),
-        "bundle_row": np.concatenate([d.rows for d, _, _ in blocks]),
+        "sample": np.concatenate([[d.sample] * len(d) for d, *_ in blocks]),
+        "spot": np.concatenate([d.spot_ids for d, *_ in blocks]).astype(str),
+        "bundle_row": np.concatenate([d.rows for d, *_ in blocks]),
+        "padded": np.concatenate([d.padded.any(axis=1) for d, *_ in blocks]),
     })
     obs.index = (obs["sample"] + ":" + obs["spot"]).to_numpy()
     obs["sample"] = obs["sample"].astype("category")
     var = gene_table(predictor, unit)
-    for d, _, per_gene in blocks:
+    for d, _, per_gene, _ in blocks:
         var[f"pcc_{d.sample}"] = per_gene["pcc"].to_numpy()
+    bounds = None
+    if all(b is not None for *_, b in blocks):
+        bounds = tuple(np.concatenate([b[i] for *_, b in blocks]) for i in (0, 1))
+    layers, record = interval_layers(bounds, result["intervals"]["level"])
     adata = anndata.AnnData(
-        X=np.concatenate([p for _, p, _ in blocks]).astype(np.float32), obs=obs, var=var,
-        layers={"measured": np.concatenate([d.targets for d, _, _ in blocks])
-                .astype(np.float32)},
-        obsm={"spatial": np.concatenate([d.centers for d, _, _ in blocks])})
+        X=np.concatenate([p for _, p, _, _ in blocks]).astype(np.float32), obs=obs, var=var,
+        layers={"measured": np.concatenate([d.targets for d, *_ in blocks]).astype(np.float32), **layers},
+        obsm={"spatial": np.concatenate([d.centers for d, *_ in blocks])})
     adata.uns["m2ost"] = {"model": result["model"], "kind": result["kind"], "split": result["split"],
                           "test_samples": list(result["test_samples"]), "unit": unit,
                           "provenance_json": json.dumps(jsonable(result["provenance"]), sort_keys=True)}
+    if record:
+        adata.uns["m2ost"]["intervals"] = {**record, "calibration": result["intervals"]["calibration"]}
     adata.uns["log1p"] = {"base": None}  # X and layers["measured"] are log1p-normalised, as in scanpy
     if spatial:
         adata.uns["spatial"] = spatial
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
-

@@ -27,8 +27,9 @@ from m2ost.data.tiling import View, tile_slide
 from m2ost.eval.figures import plot_prediction_maps
 from m2ost.eval.maps import Tissue
 from m2ost.learn.inputs.dataset import load_sample, read_bundle_info
-from m2ost.learn.inference.heldout import check_bundle, gene_table, predict_sample
+from m2ost.learn.inference.heldout import check_bundle, gene_table, interval_layers, predict_sample
 from m2ost.learn.inference.predictor import load_model
+from m2ost.learn.training.calibration import prediction_intervals
 from m2ost.plan.formats import slide_needs_conversion
 from m2ost.plan.settings import predict_settings
 from m2ost.provenance import provenance
@@ -38,17 +39,23 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
                    out_h5ad: str | os.PathLike, *, sample: str | None = None,
                    device: str | None = None, batch_size: int | None = None, workers: int = 0,
                    progress: bool = False, target_sum: float | None = None,
-                   spot_diameter_um: float | None = None):
+                   spot_diameter_um: float | None = None, interval_level: float | None = None,
+                   interval_calibration: str | None = None):
     """Predict the panel's expression at every spot of a bundle (no expression needed).
 
     Writes ``out_h5ad``: spots x genes, X = prediction (log1p of counts scaled to ``target_sum``,
     the expression stage's unit), obs spot ids (index), padded flag, tissue fraction;
     obsm["spatial"]; var unit and val_pcc (the model's per-gene Pearson r on its validation
-    spots); uns["spatial"] (the H&E, spots of ``spot_diameter_um``) for scanpy and squidpy.
-    Returns the AnnData. Unset settings are the workflow's (``train.device``,
-    ``predict.batch_size``, ``expression.target_sum``, ``predict.spot_diameter_um``).
+    spots); layers["lower"] and ["upper"], the prediction intervals (named, with their level, in
+    uns["m2ost"]["intervals"]; absent for a model without calibration); uns["spatial"] (the
+    H&E, spots of ``spot_diameter_um``) for scanpy and squidpy. Returns the AnnData. Unset
+    settings are the workflow's (``train.device``, ``predict.batch_size``,
+    ``expression.target_sum``, ``predict.spot_diameter_um``, ``intervals``).
     """
     device, batch_size = _inference(device, batch_size)
+    settings = defaults.section("intervals")
+    level = settings["level"] if interval_level is None else float(interval_level)
+    calibration = settings["calibration"] if interval_calibration is None else interval_calibration
     target_sum = defaults.section("expression")["target_sum"] if target_sum is None else target_sum
     spot_diameter_um = defaults.section("predict")["spot_diameter_um"] if spot_diameter_um is None else spot_diameter_um
 
@@ -63,14 +70,18 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
     obs = pd.DataFrame({"padded": data.padded.any(axis=1), "tissue_fraction": tissue},
                        index=pd.Index(data.spot_ids.astype(str), name="spot"))
     unit = expression_unit(target_sum)
+    layers, record = interval_layers(prediction_intervals(predictor.meta, pred, level, calibration,
+                                                          str(model_file)), level)
     adata = anndata.AnnData(X=pred.astype(np.float32), obs=obs, var=gene_table(predictor, unit),
-                            obsm={"spatial": data.centers})
+                            obsm={"spatial": data.centers}, layers=layers)
     entry, mpp, diameter_px = sample_spatial(data.sample, bundle, diameter_um=spot_diameter_um)
     adata.uns["m2ost"] = {"sample": data.sample, "model_file": str(model_file), "unit": unit,
                           "spot_diameter_px": diameter_px, "mpp": mpp,
                           "provenance_json": json.dumps(provenance({
                               "model_file": str(model_file), "model_fingerprint": predictor.meta.get("fingerprint"),
                               "bundle": str(bundle), "sample": data.sample}), sort_keys=True)}
+    if record:
+        adata.uns["m2ost"]["intervals"] = {**record, "calibration": calibration}
     adata.uns["log1p"] = {"base": None}  # X is log1p-normalised, as after sc.pp.log1p
     if entry:
         adata.uns["spatial"] = {data.sample: entry}
@@ -91,13 +102,15 @@ def prediction_outputs(adata, png=None, geojson=None, genes: list[str] | None = 
     entry = adata.uns.get("spatial", {}).get(sample)
     if png:
         tissue = Tissue.from_spatial(adata.obsm["spatial"], record["mpp"], entry, record["spot_diameter_px"])
+        tissue.padded = adata.obs["padded"].to_numpy(bool) if "padded" in adata.obs else None
         plot_prediction_maps(adata, tissue, png, record["unit"], genes, n_genes, f"{sample}: predicted expression")
     if geojson:
         prediction_geojson(adata, record["spot_diameter_px"], geojson)
 
 
 def _inference(device: str | None, batch_size: int | None) -> tuple[str, int]:
-    workflow = predict_settings({section: defaults.section(section) for section in ("train", "predict", "expression")})
+    workflow = predict_settings({section: defaults.section(section)
+                                 for section in ("train", "predict", "expression", "intervals")})
     return (workflow["device"] if device is None else device,
             workflow["batch_size"] if batch_size is None else batch_size)
 

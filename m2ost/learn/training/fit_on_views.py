@@ -8,8 +8,8 @@ from pathlib import Path
 
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
-from m2ost.eval.metrics import gene_pcc_by_group
 from m2ost.learn.training.baselines import BASELINES
+from m2ost.learn.training.calibration import validation_record
 from m2ost.learn.training.checkpoints import model_payload, save_checkpoint, write_log
 from m2ost.learn.training.device import seed_everything
 from m2ost.learn.training.identity import model_fingerprint, train_settings
@@ -73,9 +73,9 @@ def fit_baseline(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
     payload = model_payload(kind, genes, views, train_ds.image_size, fov, {}, cfg,
                             train_samples, fp)
     payload["state"] = predictor.state()
-    if len(val_ds):  # per-gene Pearson on the validation spots, as the networks store it
-        payload["val_gene_pcc_per_gene"] = gene_pcc_by_group(val_ds.targets(), predictor.predict(val_ds),
-                                                             val_ds.index[:, 0], genes)
+    if len(val_ds):  # per-gene Pearson and interval calibration on the validation spots
+        payload.update(validation_record(val_ds.targets(), predictor.predict(val_ds), val_ds.index[:, 0],
+                                         genes, int(cfg["seed"])))
     out_dir = Path(out_dir)
     save_checkpoint(payload, out_dir / "model.pt")
     write_log(rows, out_dir / "log.csv")

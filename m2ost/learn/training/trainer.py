@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError, StaleCheckpoint, TrainingDiverged
-from m2ost.eval.metrics import gene_pcc_by_group, mean_gene_pcc
+from m2ost.eval.metrics import mean_gene_pcc
 from m2ost.learn.inputs.augment import prepare_batch
+from m2ost.learn.training.calibration import validation_record
 from m2ost.learn.training.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
 from m2ost.learn.training.device import autocast, derive_seed, pin_memory, rng_state, seed_everything, set_rng_state
 from m2ost.learn.training.distributed import Ranks
@@ -359,14 +360,15 @@ def _save_epoch(run: _Run, improved: bool) -> None:
     write_log(state["log"], run.out_dir / "log.csv")
 
 
-def _per_gene_validation(run: _Run, weights: dict) -> dict[str, float]:
-    """The best weights' Pearson r per gene on the validation spots (stored in model.pt)."""
+def _per_gene_validation(run: _Run, weights: dict) -> dict:
+    """The best weights' Pearson r per gene and interval calibration on the validation spots
+    (stored in model.pt; :func:`m2ost.learn.training.calibration.validation_record`)."""
     if len(run.val_ds) == 0:
-        return {g: float("nan") for g in run.genes}
+        return {"val_gene_pcc_per_gene": {g: float("nan") for g in run.genes}}
     run.model.load_state_dict(weights)
     eval_batch = int(run.cfg["eval_batch_size"]) or 2 * int(run.cfg["batch_size"])
     pred = predict_network(run.model, run.val_ds, run.ranks.device, eval_batch, int(run.cfg["workers"]))
-    return gene_pcc_by_group(run.val_ds.targets(), pred, run.val_ds.index[:, 0], run.genes)
+    return validation_record(run.val_ds.targets(), pred, run.val_ds.index[:, 0], run.genes, int(run.cfg["seed"]))
 
 
 def _finish(run: _Run) -> dict:
@@ -382,8 +384,7 @@ def _finish(run: _Run) -> dict:
                                 run.cfg, run.train_samples, run.model_fp)
         payload.update(state_dict=best["model"], best_epoch=state["best_epoch"],
                        best_val_loss=state["best_val_loss"],
-                       best_val_gene_pcc=state["best_val_gene_pcc"],
-                       val_gene_pcc_per_gene=_per_gene_validation(run, best["model"]))
+                       best_val_gene_pcc=state["best_val_gene_pcc"], **_per_gene_validation(run, best["model"]))
         save_checkpoint(payload, model_file)
         write_log(state["log"], run.out_dir / "log.csv")
     run.ranks.barrier()
