@@ -27,7 +27,7 @@ from m2ost import defaults
 
 CONFIG = safe_load((REPO / FAST_CONFIG).read_text())
 # The fast config's report (14 maps, 14 gene figures, one prediction map, 3.1 MB of Snakemake's
-# own page): 34.9 MB with PNG maps (1.5 MB each), 8.2 MB with JPEG maps (0.10-0.20 MB each).
+# own page): 34.9 MB with PNG maps (1.5 MB each), 8.5 MB with JPEG maps (0.10-0.21 MB each).
 REPORT_LIMIT_BYTES = 12_000_000
 
 
