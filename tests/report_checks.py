@@ -9,11 +9,14 @@ combination must name a result, or the page stays blank (``TypeError ... mime_ty
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 
@@ -26,6 +29,37 @@ def embedded(report_html: Path) -> tuple[dict, dict]:
         assert m, f"no embedded '{name}' in {report_html}"
         found[name] = json.loads(m.group(1))
     return found["results"], found["categories"]
+
+
+def workflow_description(report_html: Path) -> str:
+    """The report's home page text (the Snakefile's ``report:`` file, rendered), tags removed."""
+    m = re.search(r'<script id="workflow-desc">\s*var workflow_desc = (.*?);\s*</script>', report_html.read_text(),
+                  re.S)
+    assert m, f"no workflow description in {report_html}"
+    return plain_text(json.loads(m.group(1)))
+
+
+def plain_text(html_text: str) -> str:
+    """The text of an HTML fragment, whitespace collapsed."""
+    parts: list[str] = []
+    parser = HTMLParser()
+    parser.handle_data = parts.append
+    parser.feed(html_text)
+    return " ".join("".join(parts).split())
+
+
+def decoded(record: dict) -> bytes:
+    """The file a result embeds (its base64 data URI)."""
+    return base64.b64decode(record["data_uri"].split("base64,", 1)[1])
+
+
+def image_title(data: bytes) -> str:
+    """The title stored in a figure file: the JPEG comment, or the PNG ``Title``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        title = im.info.get("comment", im.info.get("Title", b""))
+    return title.decode() if isinstance(title, bytes) else title
 
 
 def _labels(records: list[dict]) -> list[str] | None:
@@ -78,6 +112,7 @@ def missing_results(results: dict, categories: dict) -> list[str]:
     return problems
 
 
+REPORT_WINDOW = (1600, 1000)  # a laptop's browser window, px
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--enable-logging=stderr", "--v=0"]
 
@@ -99,6 +134,8 @@ window.addEventListener("load", async () => {
         for (const path of categories[category][subcategory]) {
           new ToggleViewManager(app).handleSelectedResult(path);
           await wait(100);
+          const frame = document.querySelector("#app iframe");
+          if (frame) console.log("M2OST-FRAME " + frame.clientWidth + " " + path);
         }
         const rows = document.querySelectorAll("#app table tr").length;
         console.log("M2OST-PAGE " + category + " / " + subcategory + " rows=" + rows);
@@ -111,6 +148,38 @@ window.addEventListener("load", async () => {
 });
 </script>
 """
+
+
+# Measures a table page as drawn: the page's overflow past the frame, the cells whose text does
+# not fit (clipped) or that end beyond the frame, the headers and the column notes below.
+MEASURE_TABLE = """
+<script>
+window.addEventListener("load", () => {
+  const width = document.documentElement.clientWidth;
+  const cells = [...document.querySelectorAll("th, td")];
+  const clipped = cells.filter((c) => c.scrollWidth > c.clientWidth + 1 ||
+                                      c.getBoundingClientRect().right > width + 1).map((c) => c.textContent);
+  const found = JSON.stringify({
+    width: width, overflow: document.documentElement.scrollWidth - width, clipped: clipped,
+    headers: [...document.querySelectorAll("th")].map((c) => c.textContent),
+    notes: [...document.querySelectorAll("dt")].map((c) => c.textContent)});
+  console.log("M2OST-TABLE " + btoa(unescape(encodeURIComponent(found))));  // base64: no quoting in the log
+});
+</script>
+"""
+
+
+def table_layout(page_html: str, workdir: Path, width: int, timeout: float = 60) -> dict:
+    """Open a table page in headless Chromium ``width`` px wide; what :data:`MEASURE_TABLE` logs."""
+    page = workdir / f"table_{width}.html"
+    head, _, tail = page_html.rpartition("</body>")
+    page.write_text(head + MEASURE_TABLE + "</body>" + tail)
+    proc = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}",
+                           f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=timeout)
+    found = [m for m in console_messages(proc.stderr) if m.startswith("M2OST-TABLE ")]
+    assert found, f"the table page was not measured:\n{proc.stderr[-3000:]}"
+    return json.loads(base64.b64decode(found[-1].removeprefix("M2OST-TABLE ")).decode())
 
 
 def chromium() -> str | None:
@@ -126,6 +195,7 @@ def browse_every_page(report_html: Path, workdir: Path, timeout: float = 180) ->
     head, _, tail = report_html.read_text().rpartition("</body>")  # the last one: libraries hold others in strings
     page.write_text(head + VISIT_ALL_PAGES + "</body>" + tail)
     proc = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}",
+                           f"--window-size={REPORT_WINDOW[0]},{REPORT_WINDOW[1]}",
                            "--virtual-time-budget=60000", "--dump-dom", page.as_uri()],
                           capture_output=True, text=True, timeout=timeout)
     return proc.stderr

@@ -124,7 +124,7 @@ def test_model_file_round_trip_and_evaluation_outputs(ridge_model, tmp_path):
     assert values[f"lower: {gene}"] <= values[gene] <= values[f"upper: {gene}"]
     table = aggregate([tmp_path / "summary.json"], tmp_path / "summary.tsv")
     assert {"interval_coverage", "interval_coverage_gene_p10", "interval_width"} <= set(table.columns)
-    assert (tmp_path / "figures" / "C.maps.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "C.maps.jpg").stat().st_size > 0
 
 
 def test_a_model_without_calibration_still_predicts(ridge_model, tmp_path, caplog):

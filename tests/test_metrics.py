@@ -28,7 +28,7 @@ def test_gene_pcc_hand_values_and_undefined():
     assert r[0] == pytest.approx(R_HAND, abs=1e-12)
     assert r[1] == pytest.approx(-1.0, abs=1e-12)
     assert np.isnan(r[2])  # zero variance in truth: undefined
-    assert r[3] == 0.0  # constant prediction of a varying gene: no information
+    assert r[3] == 0.0  # while training: a constant prediction of a varying gene scores 0
 
 
 def test_score_summary_hand_values():
@@ -36,11 +36,13 @@ def test_score_summary_hand_values():
     per_gene, s = score(truth, pred, ["a", "b", "c", "d"], sample="S1")
     assert list(per_gene.columns) == ["gene", "pcc", "defined", "rmse", "mae", "mean_true",
                                       "mean_pred"]
-    assert per_gene["defined"].tolist() == [True, True, False, True]
-    assert s["n_genes_defined"] == 3 and s["n_genes_undefined"] == 1
-    assert s["gene_pcc_mean"] == pytest.approx((R_HAND - 1 + 0) / 3)
-    assert s["gene_pcc_median"] == pytest.approx(0.0)
-    assert s["gene_pcc_top50"] == pytest.approx((R_HAND - 1) / 3) and s["top_k_used"] == 3
+    # the evaluation: r is undefined where the truth (c) or the prediction (d) is constant
+    assert per_gene["defined"].tolist() == [True, True, False, False]
+    assert per_gene["pcc"].isna().tolist() == [False, False, True, True]
+    assert s["n_genes_defined"] == 2 and s["n_genes_undefined"] == 2
+    assert s["gene_pcc_mean"] == pytest.approx((R_HAND - 1) / 2)
+    assert s["gene_pcc_median"] == pytest.approx((R_HAND - 1) / 2)
+    assert s["gene_pcc_top50"] == pytest.approx((R_HAND - 1) / 2) and s["top_k_used"] == 2
     err = pred - truth
     assert s["rmse"] == pytest.approx(math.sqrt((err ** 2).mean()))
     assert s["mae"] == pytest.approx(np.abs(err).mean())
@@ -58,15 +60,15 @@ def test_spot_pcc_hand_value():
 
 
 def test_constant_profile_predictor_exposes_per_spot_metric():
-    """The average profile scores high per spot and 0 per gene."""
+    """The average profile scores high per spot and has no per-gene score (undefined)."""
     rng = np.random.default_rng(0)
     gene_means = np.array([0.1, 0.5, 1.0, 2.0, 3.0, 5.0])
     truth = gene_means + rng.normal(0, 0.3, (200, gene_means.size))
     pred = np.tile(truth.mean(0), (200, 1))  # 0.1 + 0.2 + ... is not exact in floats
     per_gene, s = score(truth, pred, [f"g{i}" for i in range(6)])
     assert s["spot_pcc_paper"] > 0.9
-    assert s["n_genes_undefined"] == 0 and (per_gene["pcc"] == 0).all()
-    assert s["gene_pcc_mean"] == 0.0
+    assert s["n_genes_defined"] == 0 and s["n_genes_undefined"] == 6 and per_gene["pcc"].isna().all()
+    assert math.isnan(s["gene_pcc_mean"])
     # a tiny jitter makes the per-gene figure defined, and it is about 0
     noisy = pred + rng.normal(0, 1e-3, pred.shape)
     _, s2 = score(truth, noisy, [f"g{i}" for i in range(6)])
@@ -108,13 +110,14 @@ def test_evaluate_mean_baseline_writes_files(study, tmp_path):
     res = evaluate(tmp_path / "mean" / "model.pt", study["bundles"], study["expressions"],
                    ["C"], tmp_path / "eval", split="lopo-P2", device="cpu", figures=True)
     per_gene = pd.read_csv(tmp_path / "eval" / "per_gene" / "C.tsv", sep="\t")
-    assert len(per_gene) == len(study["genes"]) and per_gene["defined"].any()
-    assert (per_gene.loc[per_gene["defined"], "pcc"] == 0).all()
+    assert len(per_gene) == len(study["genes"]) and not per_gene["defined"].any()
+    assert per_gene["pcc"].isna().all()
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["mean"]["gene_pcc_mean"] == 0.0  # a constant carries no information
+    assert summary["mean"]["gene_pcc_mean"] is None  # a constant has no correlation: undefined
+    assert summary["mean"]["n_genes_defined"] == 0
     assert summary["mean"]["spot_pcc_paper"] > 0.5
     assert res["n_spots"] == 20
-    for f in ("C.maps.png", "C.genes.png"):
+    for f in ("C.maps.jpg", "C.genes.png"):
         assert (tmp_path / "eval" / "figures" / f).stat().st_size > 1000
 
     import anndata

@@ -50,7 +50,7 @@ def test_prediction_on_the_real_svs(model_file, study, tmp_path):
     with h5py.File(tmp_path / "work" / "CMU1.h5", "r") as f:
         assert np.allclose(f.attrs["fov_um"], FOV_UM) and abs(float(f.attrs["mpp"]) - mpp) < 1e-6
         assert f["view_0"].shape[0] == n_spots
-    assert (tmp_path / "CMU1.png").stat().st_size > 0
+    assert (tmp_path / "CMU1.jpg").read_bytes()[:2] == b"\xff\xd8"  # the maps over the H&E, JPEG
     assert not list(tmp_path.rglob("*.tmp*"))  # nothing half-written left behind
     # What the viewers read: the unit, the genes' validation Pearson r, the H&E for scanpy/squidpy,
     # and QuPath's GeoJSON on the original slide (spots of 55 µm, the default).

@@ -265,7 +265,7 @@ def test_evaluate_network_and_predict_bundle(ref, study, tmp_path):
     assert res["model"] == "m2ost-tiny" and res["split"] == "loso-C"
     s = res["samples"]["C"]
     assert s["n_spots"] == 20 and s["n_genes_undefined"] >= 1  # the synthetic all-zero gene
-    assert (tmp_path / "eval" / "figures" / "C.maps.png").exists()
+    assert (tmp_path / "eval" / "figures" / "C.maps.jpg").exists()
     adata = predict_bundle(ref[0] / "model.pt", study["bundles"]["C"], tmp_path / "C.h5ad",
                            device="cpu")
     assert adata.shape == (20, len(study["genes"]))

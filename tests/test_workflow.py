@@ -128,13 +128,16 @@ def test_run_completes_with_every_output(fast_run):
     rows = set(zip(table["model"], table["split"]))
     assert rows == {(m, s) for m in MODELS for s in SPLITS + ["mean"]}
     assert len(table) == len(rows)
-    assert table["gene_pcc_mean"].map(math.isfinite).all()
+    # Every model has a score but the constant mean predictor, whose Pearson r is undefined.
+    learned = table["model"] != "mean"
+    assert table.loc[learned, "gene_pcc_mean"].map(math.isfinite).all()
+    assert table.loc[~learned, "gene_pcc_mean"].isna().all() and (table.loc[~learned, "n_genes_defined"] == 0).all()
 
     genes = (wd / "results/genes/all.txt").read_text().split()
     pred = anndata.read_h5ad(wd / "results/predictions/P3_HE.h5ad")
     assert pred.n_obs > 0 and list(pred.var_names) == genes
     assert np.isfinite(np.asarray(pred.X)).all()
-    assert (wd / "results/predictions/P3_HE.png").stat().st_size > 0
+    assert (wd / "results/predictions/P3_HE.jpg").stat().st_size > 0
 
 
 def test_every_rule_writes_logs_and_heavy_rules_benchmarks(fast_run):
@@ -225,8 +228,8 @@ def test_outputs_open_in_scanpy_squidpy_and_qupath(fast_run):
         collection = check_qupath_geojson(folder / "qupath" / f"{sample}.geojson", adata, *slide_size(sample),
                                           diameter)
         assert f"measured: {adata.var_names[0]}" in collection["features"][0]["properties"]["measurements"]
-        for figure in ("maps", "genes"):
-            assert (folder / "figures" / f"{sample}.{figure}.png").stat().st_size > 10_000
+        for name in (f"{sample}.maps.jpg", f"{sample}.genes.png"):
+            assert (folder / "figures" / name).stat().st_size > 10_000
     for sample in HE:
         adata = anndata.read_h5ad(wd / f"results/predictions/{sample}.h5ad")
         assert isinstance(adata.uns["m2ost"], dict) and np.isfinite(adata.var["val_pcc"]).any()

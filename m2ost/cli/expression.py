@@ -32,6 +32,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--low-fraction", type=float, default=0.2,
                    help="warn for a section whose median library size is under this fraction of the cohort's")
     p.add_argument("--out", required=True, help="table (TSV)")
+    p.add_argument("--html", help="also the table as an HTML page (for the report)")
 
     p = add_command(sub, "summary", f"{RUN}:summary", "one table of every (model, split) summary")
     p.add_argument("summaries", nargs="+", help="summary.json files of the evaluate stage")

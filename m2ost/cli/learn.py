@@ -66,7 +66,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--sample", required=True, help="sample name")
     p.add_argument("--settings", help="JSON: device, batch_size, target_sum (the expression stage's, for the unit), "
                    f"spot_diameter_um, map_genes, n_map_genes {WORKFLOW}")
-    p.add_argument("--png", help="also draw maps over the H&E (map_genes, else the n_map_genes most variable)")
+    p.add_argument("--png", help="also draw maps over the H&E, JPEG or PNG by the extension (map_genes, else the "
+                   "n_map_genes most variable)")
     p.add_argument("--geojson", help="also write the spots with their predictions for QuPath (GeoJSON)")
     p.add_argument("--out", required=True, help="predictions (h5ad)")
 
@@ -90,7 +91,7 @@ def _add_predict_slide(sub) -> None:
     p.add_argument("--genes", nargs="+", help=f"genes to map; without it, the --n-genes most variable {WORKFLOW}")
     p.add_argument("--n-genes", type=int, help=f"how many most variable genes to map without --genes {WORKFLOW}")
     p.add_argument("--out-dir", required=True,
-                   help="folder of {sample}.h5ad, {sample}.png, {sample}.geojson and work/")
+                   help="folder of {sample}.h5ad, {sample}.jpg, {sample}.geojson and work/")
 
 
 def _add_model_info(sub) -> None:

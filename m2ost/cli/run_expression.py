@@ -12,8 +12,9 @@ from m2ost.data.quality import quality_table, write_quality_table
 from m2ost.data.slide import read_slide_info
 from m2ost.data.spatial import slide_spatial, spot_diameter_um
 from m2ost.data.spots import read_spots
-from m2ost.eval.figures import plot_model_comparison, write_table_html
+from m2ost.eval.figures import plot_model_comparison
 from m2ost.eval.summary import aggregate, per_gene_scores
+from m2ost.eval.tables import QUALITY_NOTES, SUMMARY_NOTES, write_table_html
 from m2ost.provenance import provenance
 
 log = logging.getLogger("m2ost")
@@ -43,7 +44,8 @@ def summary(args) -> None:
     table = aggregate(args.summaries, args.out)
     log.info("\n%s", table.to_string(index=False))
     if args.html:
-        write_table_html(table, args.html, "Held-out evaluation: mean over the held-out samples of each split")
+        write_table_html(table, args.html, "Held-out evaluation: mean over the held-out samples of each split",
+                         SUMMARY_NOTES)
     if args.png:
         plot_model_comparison(per_gene_scores(args.summaries), args.png)
 
@@ -51,5 +53,7 @@ def summary(args) -> None:
 def data_summary(args) -> None:
     table = quality_table(parse_pairs(args.expression, "--expression"), args.low_fraction)
     text = write_quality_table(table, args.out)
+    if args.html:
+        write_table_html(table, args.html, "Data quality per sample", QUALITY_NOTES)
     # On stdout, which the workflow shows on the terminal at the end of the data stages.
     print(f"m2ost: data quality per sample ({args.out}):\n{text}")

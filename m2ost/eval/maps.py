@@ -8,6 +8,7 @@ factor (``uns["spatial"]`` layout, :mod:`m2ost.data.spatial`).
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
@@ -26,6 +27,10 @@ CMAP = "viridis"
 LIMIT_PERCENTILES = (1.0, 99.0)
 WIDTH_CMAP = "magma"  # interval widths: their own scale and colours, apart from expression
 PADDED_COLOUR = "red"
+# Panel titles: 9 pt, wrapped at 44 characters (a 4-inch panel holds about 50 at 9 pt).
+TITLE_SIZE = 9
+TITLE_CHARS = 44
+SUPTITLE_SIZE = 11
 
 
 @dataclass
@@ -122,37 +127,55 @@ def mark_padded(ax, tissue: Tissue) -> None:
     ax.legend(loc="lower left", fontsize=6, framealpha=0.7)
 
 
+def panel_title(text: str, width: int = TITLE_CHARS) -> str:
+    """A panel title wrapped to the panel's width (long gene labels must not run into the next panel)."""
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True)) or text
+
+
+def value_map(fig, ax, tissue: Tissue, values: np.ndarray, title: str, unit: str,
+              norm: Normalize | None = None, cmap: str = CMAP):
+    """One map of any per-spot value over the H&E, on ``norm`` (default: its own robust scale),
+    with a colour bar labelled ``unit``. Returns the spots (a shared colour bar may use them)."""
+    spots = draw_spots(ax, tissue, values, norm or Normalize(*robust_limits(values)), cmap)
+    ax.set_title(panel_title(title), fontsize=TITLE_SIZE)
+    if norm is None:
+        fig.colorbar(spots, ax=ax, shrink=0.75).set_label(unit, fontsize=8)
+    return spots
+
+
 def measured_vs_predicted(tissue: Tissue, rows: list[tuple], unit: str, title: str, width_label: str = ""):
-    """One row per gene: H&E, measured, predicted, on one colour scale per row. ``rows`` holds
-    (row title, measured values, predicted values[, interval widths]); with widths, a fourth
-    panel maps them on their own scale (``width_label`` names them). Returns the figure."""
-    n_cols = 4 if any(len(r) > 3 for r in rows) else 3
+    """One row per gene: H&E (titled with the row's label), measured, predicted (titled with
+    ``predicted_note``), on one colour scale per row. ``rows`` holds (row label, measured values,
+    predicted values, predicted_note[, interval widths]); with widths, a fourth panel maps them on
+    their own scale (``width_label`` names them). Returns the figure."""
+    n_cols = 4 if any(len(r) > 4 for r in rows) else 3
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(4.3 * n_cols, 4.3 * len(rows)), squeeze=False,
                              layout="constrained")
-    for (label, measured, predicted, *width), ax_row in zip(rows, axes):
+    for (label, measured, predicted, note, *width), ax_row in zip(rows, axes):
         if width:
-            uncertainty_panel(fig, ax_row[3], tissue, width[0], f"{label}: {width_label}", unit)
+            uncertainty_panel(fig, ax_row[3], tissue, width[0], width_label, unit)
         draw_tissue(ax_row[0], tissue)
         scale_bar(ax_row[0], tissue)
-        ax_row[0].set_title("H&E", fontsize=9)
+        ax_row[0].set_title(panel_title(f"H&E · {label}"), fontsize=TITLE_SIZE)
         norm = Normalize(*robust_limits(measured, predicted))
-        for ax, what, values in ((ax_row[1], "measured", measured), (ax_row[2], "predicted", predicted)):
-            spots = draw_spots(ax, tissue, values, norm)
-            ax.set_title(f"{label}: {what}", fontsize=9)
+        value_map(fig, ax_row[1], tissue, measured, "measured", unit, norm)
+        spots = value_map(fig, ax_row[2], tissue, predicted, f"predicted ({note})" if note else "predicted",
+                          unit, norm)
         bar = fig.colorbar(spots, ax=list(ax_row[:3]), shrink=0.8)  # space taken from the row, panels stay equal
         bar.set_label(unit, fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return fig
 
 
 def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title: str, cols: int = 4,
                 widths: dict[str, np.ndarray] | None = None, width_label: str = "interval width"):
-    """The H&E, then one map per gene (each on its own robust scale); with ``widths`` (label ->
-    interval widths), each gene's map is followed by its widths' map, in pairs. Returns the figure."""
+    """The H&E, then one map per entry of ``values`` (title -> per-spot values), each on its own
+    robust scale; with ``widths`` (title -> interval widths), each map is followed by its widths'
+    map, in pairs. Returns the figure."""
     widths = widths or {}
     panels = [None] + ([False] if widths and cols % 2 == 0 else [])  # pairs start at an even column
-    for gene in values:
-        panels += [("expression", gene)] + ([("width", gene)] if gene in widths else [])
+    for name in values:
+        panels += [("values", name)] + ([("width", name)] if name in widths else [])
     n = len(panels)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
@@ -160,25 +183,20 @@ def gene_panels(tissue: Tissue, values: dict[str, np.ndarray], unit: str, title:
     flat = axes.ravel()
     draw_tissue(flat[0], tissue)
     scale_bar(flat[0], tissue)
-    flat[0].set_title("H&E", fontsize=9)
+    flat[0].set_title("H&E", fontsize=TITLE_SIZE)
     for ax, panel in zip(flat[1:], panels[1:]):
         if not panel:
             ax.axis("off")
         elif panel[0] == "width":
             uncertainty_panel(fig, ax, tissue, widths[panel[1]], f"{panel[1]}: {width_label}", unit)
         else:
-            v = values[panel[1]]
-            spots = draw_spots(ax, tissue, v, Normalize(*robust_limits(v)))
-            ax.set_title(panel[1], fontsize=9)
-            fig.colorbar(spots, ax=ax, shrink=0.75).set_label(unit, fontsize=8)
+            value_map(fig, ax, tissue, values[panel[1]], panel[1], unit)
     for ax in flat[n:]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return fig
 
 
 def uncertainty_panel(fig, ax, tissue: Tissue, width: np.ndarray, title: str, unit: str) -> None:
     """A map of interval widths on its own scale and colours (with its colour bar)."""
-    spots = draw_spots(ax, tissue, width, Normalize(*robust_limits(width)), WIDTH_CMAP)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(spots, ax=ax, shrink=0.75).set_label(f"interval width, {unit}", fontsize=8)
+    value_map(fig, ax, tissue, width, title, f"interval width, {unit}", cmap=WIDTH_CMAP)

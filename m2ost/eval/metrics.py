@@ -2,10 +2,15 @@
 
 The primary metric is the **per-gene** Pearson correlation across the spots of one held-out
 sample, averaged over the genes of the panel (the field's standard: Hist2ST, TRIPLEX,
-HEST-Benchmark). A gene whose measured profile is constant over the spots of the held-out
-sample has no correlation: it is reported as NaN ("undefined"), left out of the means and
-counted. A constant *prediction* of a varying gene scores 0: it says nothing about where the
-gene is high, and scoring it 0 puts the mean predictor on the same scale as the others.
+HEST-Benchmark). Where the measured profile or the prediction of a gene is constant over the
+spots of the held-out sample, there is no correlation: the evaluation (:func:`score`) reports
+it as NaN ("undefined", ``defined`` False), leaves it out of the means and counts it
+(``n_genes_defined``, ``n_genes_undefined``). The mean predictor thus has no per-gene score at
+all, which is what it is: it says nothing about where a gene is high.
+
+While training, a model is chosen by :func:`mean_gene_pcc`, which scores a constant prediction
+of a varying gene 0 instead (:func:`gene_pcc`), so that an epoch predicting nothing is not
+rewarded by having its flat genes left out.
 
 The per-spot Pearson across genes, averaged over spots, is what the M2OST paper reports. It is
 inflated by the differences in mean expression between genes (a constant predictor that outputs
@@ -134,7 +139,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, genes: Sequence[str],
     _check(y_true, y_pred, sample)
     if len(genes) != y_true.shape[1]:
         raise InputError(f"{len(genes)} gene names for {y_true.shape[1]} columns", sample=sample)
-    r = gene_pcc(y_true, y_pred)
+    r = pearson(y_true, y_pred, axis=0)  # NaN where the truth or the prediction is constant
     err = y_pred - y_true
     per_gene = pd.DataFrame({
         "gene": list(genes),

@@ -15,10 +15,12 @@ from m2ost.errors import InputError
 from m2ost.eval.intervals import INTERVAL_METRICS
 from m2ost.eval.metrics import TOP_K
 
-# interval_*: coverage of the prediction intervals on the held-out spots (mean over genes, the
-# 10th percentile over genes) and their mean width (m2ost.eval.intervals.interval_scores).
-SUMMARY_METRICS = ("gene_pcc_mean", "gene_pcc_median", f"gene_pcc_top{TOP_K}",
-                   "spot_pcc_paper", "rmse", "mae", "n_genes_undefined", *INTERVAL_METRICS)
+# The gene_pcc columns average the genes whose Pearson r is defined (n_genes_defined of them);
+# NaN ("undefined"), e.g. for a constant predictor, where no gene has one. interval_*: coverage
+# of the prediction intervals on the held-out spots (mean over genes, the 10th percentile over
+# genes) and their mean width (m2ost.eval.intervals.interval_scores).
+SUMMARY_METRICS = ("gene_pcc_mean", "n_genes_defined", "gene_pcc_median", f"gene_pcc_top{TOP_K}",
+                   "spot_pcc_paper", "rmse", "mae", *INTERVAL_METRICS)
 
 
 
@@ -65,7 +67,7 @@ def aggregate(summary_files: Sequence[str | os.PathLike],
         out.append(pd.DataFrame([mean]))
     result = pd.concat(out, ignore_index=True) if out else table
     with atomic_path(out_tsv) as tmp:
-        result.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+        result.to_csv(tmp, sep="\t", index=False, float_format="%.4f", na_rep="NaN")
     return result
 
 

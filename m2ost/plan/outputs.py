@@ -15,11 +15,12 @@ BUNDLE = "results/bundles/{sample}.h5"
 EMBEDDINGS = "results/embeddings/{encoder}/{sample}.h5"  # the pretrained encoder's features of a bundle
 EXPRESSION = "results/expression/{sample}.h5ad"
 PREDICTION = "results/predictions/{sample}.h5ad"
-PREDICTION_MAP = "results/predictions/{sample}.png"
+PREDICTION_MAP = "results/predictions/{sample}.jpg"  # maps over the H&E are JPEG (m2ost.eval.figures)
 PREDICTION_GEOJSON = "results/predictions/{sample}.geojson"  # QuPath
 
 # Per cohort
 DATA_SUMMARY = "results/qc/data_summary.tsv"  # one line per sample with expression: spots, library size, genes
+DATA_SUMMARY_HTML = "results/qc/data_summary.html"  # the same, labelled, for the report
 
 # Per split, and per model kind and split
 PANEL = "results/genes/{split}.txt"
@@ -38,7 +39,7 @@ CHECKPOINTS = "checkpoints"
 EVALUATION_SUMMARY = "summary.json"
 EVALUATION_PREDICTIONS = "predictions.h5ad"
 EVALUATION_PER_GENE = "per_gene"
-EVALUATION_FIGURES = "figures"  # {sample}.maps.png, {sample}.genes.png (m2ost.eval.figures)
+EVALUATION_FIGURES = "figures"  # {sample}.maps.jpg, {sample}.genes.png (m2ost.eval.figures)
 EVALUATION_QUPATH = "qupath"  # {sample}.geojson
 
 MODEL = f"{MODEL_DIR}/{MODEL_FILE}"

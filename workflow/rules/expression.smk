@@ -50,7 +50,18 @@ rule data_summary:
     input:
         expression_files(ST_SAMPLES),
     output:
-        report(outputs.DATA_SUMMARY, caption="../report/data_summary.rst", category="Data quality"),
+        table=report(
+            outputs.DATA_SUMMARY,
+            caption="../report/data_summary.rst",
+            category="Data quality",
+            labels={"content": "table (TSV, for a spreadsheet)"},
+        ),
+        html=report(
+            outputs.DATA_SUMMARY_HTML,
+            caption="../report/data_summary.rst",
+            category="Data quality",
+            labels={"content": "table"},
+        ),
     log:
         "logs/data_summary/data_summary.log",
     conda:
@@ -60,4 +71,4 @@ rule data_summary:
         low=data_summary_settings(config)["low_library_fraction"],
     shell:
         "python -m m2ost data-summary --expression {params.expression} --low-fraction {params.low} "
-        "--out {output:q} 2> {log}"
+        "--out {output.table:q} --html {output.html:q} 2> {log}"

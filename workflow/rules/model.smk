@@ -72,7 +72,7 @@ rule evaluate:
         # of its own (a split holds only its own held-out samples).
         figures=report(
             directory(outputs.evaluation("figures")),
-            patterns=["{sample}.{figure}.png"],
+            patterns=["{sample}.{figure}.jpg", "{sample}.{figure}.png"],
             caption="../report/evaluation.rst",
             category="Evaluation",
             subcategory="{model}",
@@ -110,7 +110,7 @@ rule summary:
             outputs.SUMMARY_TABLE,
             caption="../report/summary.rst",
             category="Summary",
-            labels={"content": "table (TSV)"},
+            labels={"content": "table (TSV, for a spreadsheet)"},
         ),
         html=report(
             outputs.SUMMARY_HTML,
@@ -143,7 +143,10 @@ rule predict:
             outputs.PREDICTION_MAP,
             caption="../report/prediction.rst",
             category="Prediction",
-            labels={"slide": "{sample}"},
+            labels={
+                "slide": "{sample}",
+                "model": PREDICT_MODEL_FILE or f"{config['predict']['model']} (split {PREDICT_SPLIT})",
+            },
         ),
         geojson=outputs.PREDICTION_GEOJSON,
     log:

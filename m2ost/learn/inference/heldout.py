@@ -9,7 +9,7 @@
                                  intervals, named in uns["m2ost"]["intervals"]), obs
                                  sample/spot/padded, obsm["spatial"],
                                  uns["spatial"] (H&E for scanpy/squidpy), unit and per-gene PCC in var
-``figures/{sample}.maps.png``    measured vs predicted over the H&E: best, median (and chosen) gene
+``figures/{sample}.maps.jpg``    measured vs predicted over the H&E: best, median (and chosen) gene
 ``figures/{sample}.genes.png``   per-gene Pearson of the panel; scatter of the best and median gene
 ``qupath/{sample}.geojson``      spots with measured and predicted expression, for QuPath
 
@@ -183,7 +183,7 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
         if figures:
             tissue = Tissue.from_spatial(data.centers, mpp, entry, diameter_px)
             tissue.padded = data.padded.any(axis=1)
-            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene,
+            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene, split,
                         widths=None if bounds is None else bounds[1] - bounds[0], level=level)
             prediction_geojson(_sample_adata(data, pred, predictor.genes, bounds, level), diameter_px,
                                out_dir / "qupath" / f"{s}.geojson", f"{name} prediction",

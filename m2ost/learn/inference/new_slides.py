@@ -133,7 +133,7 @@ def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None,
                   genes: list[str] | None = None, n_genes: int | None = None) -> Path:
     """Everything for one slide in one call (``m2ost predict-slide``): prepare, grid, tile, predict, map.
 
-    Writes ``{out_dir}/{sample}.h5ad``, ``{sample}.png`` (maps over the H&E) and
+    Writes ``{out_dir}/{sample}.h5ad``, ``{sample}.jpg`` (maps over the H&E) and
     ``{sample}.geojson`` (QuPath); intermediate files (converted pyramid, spot table, bundle)
     go to ``{out_dir}/work``. Unset settings are the workflow's (``predict``, ``train.device``
     and ``expression.target_sum`` in the config schema).
@@ -154,6 +154,6 @@ def predict_slide(slide_path, model_file, out_dir, *, sample: str | None = None,
     out = out_dir / f"{sample}.h5ad"
     adata = predict_bundle(model_file, bundle, out, sample=sample, device=device, batch_size=batch_size,
                            target_sum=target_sum, spot_diameter_um=spot_diameter_um)
-    prediction_outputs(adata, out_dir / f"{sample}.png", out_dir / f"{sample}.geojson", genes, n_genes)
+    prediction_outputs(adata, out_dir / f"{sample}.jpg", out_dir / f"{sample}.geojson", genes, n_genes)
     return out
 
