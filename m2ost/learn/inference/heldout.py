@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata
@@ -93,6 +94,22 @@ def predict_from_embeddings(predictor: Predictor, data: SampleData, path) -> np.
     return encoded.model.predict(x, tuple(emb.grid), pooled=pooled)
 
 
+@dataclass(frozen=True)
+class _HeldOut:
+    """What scoring and drawing the held-out samples of one :func:`evaluate` call share."""
+
+    predictor: Predictor
+    state: dict | None  # the model's calibration (None: no prediction intervals)
+    level: float
+    calibration: str
+    out_dir: Path
+    name: str
+    split: str | None
+    unit: str
+    figures: bool
+    map_gene: str | None
+
+
 def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              expressions: Mapping[str, str], test_samples: Sequence[str],
              out_dir: str | os.PathLike, *, model_name: str | None = None,
@@ -100,111 +117,129 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              workers: int = 0, figures: bool = True, progress: bool = False,
              map_gene: str | None = None, embeddings: Mapping[str, str] | None = None,
              interval_level: float | None = None, interval_calibration: str | None = None) -> dict:
-    """Predict every spot (with expression) of each held-out sample and score it.
+    """Predict every spot (with expression) of each held-out sample and score it; write the files
+    listed in the module docstring in ``out_dir`` and return the content of ``summary.json``.
 
-    Parameters
-    ----------
-    model_file
-        ``model.pt`` of any kind (see :func:`m2ost.learn.training.fit_on_views.fit_model`).
-    bundles, expressions
-        sample -> bundle / expression path; must hold ``test_samples``.
-    test_samples
-        The held-out samples of the split. Each is scored on its own (per-gene Pearson across
-        its spots); the split's figure is the mean over them.
-    out_dir
-        Receives the files listed in the module docstring.
-    model_name, split
-        Labels written into ``summary.json`` (default: the model kind, "").
-    device, batch_size, workers
-        Inference settings (device and batch size default to the workflow's: ``train.device``, and
-        ``train.eval_batch_size`` or twice ``train.batch_size``). Padded spots are kept: every spot
-        with expression is scored.
-    figures
-        Also draw the figures and write the QuPath GeoJSON.
-    map_gene
-        A gene mapped besides the best and the median one (when in the panel).
-    embeddings
-        sample -> cached embeddings (feature kinds): read instead of encoding the views.
-    interval_level, interval_calibration
-        The prediction intervals (``intervals.level`` and ``intervals.calibration`` by default):
-        their coverage and width on the held-out spots are scored for every calibration, the
-        chosen one's go into the means, the h5ad layers, the GeoJSON and the maps.
-
-    Returns
-    -------
-    dict
-        The content of ``summary.json``.
+    ``model_file`` is a ``model.pt`` of any kind (see
+    :func:`m2ost.learn.training.fit_on_views.fit_model`). ``bundles`` and ``expressions`` map
+    sample -> bundle / expression path and must hold ``test_samples``, the held-out samples of
+    the split: each is scored on its own (per-gene Pearson across its spots), the split's figure
+    is the mean over them. ``model_name`` and ``split`` label ``summary.json`` (default: the model
+    kind, ""). ``device``, ``batch_size``, ``workers``: the inference settings (device and batch
+    size default to the workflow's: ``train.device``, and ``train.eval_batch_size`` or twice
+    ``train.batch_size``); padded spots are kept: every spot with expression is scored.
+    ``figures``: also draw the figures and write the QuPath GeoJSON. ``map_gene``: a gene mapped
+    besides the best and the median one (when in the panel). ``embeddings``: sample -> cached
+    embeddings (feature kinds), read instead of encoding the views. ``interval_level``,
+    ``interval_calibration``: the prediction intervals (``intervals.level`` and
+    ``intervals.calibration`` by default); their coverage and width on the held-out spots are
+    scored for every calibration, the chosen one's go into the means, the h5ad layers, the
+    GeoJSON and the maps.
     """
     if not test_samples:
         raise InputError("no held-out samples to evaluate")
-    workflow = eval_settings({k: defaults.section(k) for k in ("train", "evaluate", "intervals")})
-    device = workflow["device"] if device is None else device
-    level = workflow["interval_level"] if interval_level is None else float(interval_level)
-    calibration = workflow["interval_calibration"] if interval_calibration is None else interval_calibration
-    batch_size = workflow["batch_size"] if batch_size is None else batch_size
+    device, batch_size, level, calibration = _settings(device, batch_size, interval_level, interval_calibration)
     predictor = load_model(model_file, device)
     state = calibration_of(predictor.meta, str(model_file))
     if state is not None:
         quantile_level(state, level, calibration)  # a bad level or calibration fails before any work
-    out_dir = Path(out_dir)
-    name = model_name or predictor.kind
-    per_sample, blocks, loaded = {}, [], {}
     # Every held-out sample is loaded and checked before anything is written: a bad one ends the
     # run with nothing in out_dir that could pass for a (partial) result.
-    for s in test_samples:
-        if s not in bundles or s not in expressions:
-            raise InputError("held-out sample needs a bundle and an expression file", sample=s)
-        check_bundle(predictor, read_bundle_info(bundles[s], s), bundles[s], s)
-        data = load_sample(bundles[s], expressions[s], predictor.genes, predictor.views,
-                           drop_padded=False, sample=s)
-        if len(data) < MIN_SPOTS:
-            raise InputError(f"held-out sample has {len(data)} spot(s) with expression; per-gene "
-                             f"Pearson needs at least {MIN_SPOTS}, so it cannot be scored (move it "
-                             "to the training side of the split or leave it out)",
-                             file=expressions[s], sample=s)
-        loaded[s] = data
-    unit = recorded_unit(expressions[test_samples[0]])
-    spatial = {}
+    loaded = {s: _load_held_out(predictor, bundles, expressions, s) for s in test_samples}
+    run = _HeldOut(predictor=predictor, state=state, level=level, calibration=calibration,
+                   out_dir=Path(out_dir), name=model_name or predictor.kind, split=split,
+                   unit=recorded_unit(expressions[test_samples[0]]), figures=figures, map_gene=map_gene)
+    per_sample, blocks, spatial = _score_samples(run, test_samples, loaded, bundles, expressions, embeddings,
+                                                 (batch_size, workers, progress))
+    result = _result(run, model_file, test_samples, per_sample, device, batch_size)
+    _write_predictions(blocks, predictor, run.out_dir / "predictions.h5ad", result, run.unit, spatial)
+    with atomic_path(run.out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(jsonable(result), indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def _settings(device, batch_size, interval_level, interval_calibration) -> tuple:
+    """(device, batch size, interval level, calibration): the workflow's where unset."""
+    workflow = eval_settings({k: defaults.section(k) for k in ("train", "evaluate", "intervals")})
+    return (workflow["device"] if device is None else device,
+            workflow["batch_size"] if batch_size is None else batch_size,
+            workflow["interval_level"] if interval_level is None else float(interval_level),
+            workflow["interval_calibration"] if interval_calibration is None else interval_calibration)
+
+
+def _load_held_out(predictor: Predictor, bundles: Mapping[str, str], expressions: Mapping[str, str],
+                   s: str) -> SampleData:
+    """A held-out sample's spots with expression, once its bundle and spot count are checked."""
+    if s not in bundles or s not in expressions:
+        raise InputError("held-out sample needs a bundle and an expression file", sample=s)
+    check_bundle(predictor, read_bundle_info(bundles[s], s), bundles[s], s)
+    data = load_sample(bundles[s], expressions[s], predictor.genes, predictor.views,
+                       drop_padded=False, sample=s)
+    if len(data) < MIN_SPOTS:
+        raise InputError(f"held-out sample has {len(data)} spot(s) with expression; per-gene "
+                         f"Pearson needs at least {MIN_SPOTS}, so it cannot be scored (move it "
+                         "to the training side of the split or leave it out)",
+                         file=expressions[s], sample=s)
+    return data
+
+
+def _score_samples(run: _HeldOut, test_samples: Sequence[str], loaded: dict[str, SampleData],
+                   bundles: Mapping[str, str], expressions: Mapping[str, str],
+                   embeddings: Mapping[str, str] | None,
+                   inference: tuple[int, int, bool]) -> tuple[dict, list, dict]:
+    """Predict and score each sample in turn, writing its per-gene table (and its figures and
+    GeoJSON): (per-sample summaries, (data, pred, per_gene, bounds) blocks, uns["spatial"])."""
+    per_sample, blocks, spatial = {}, [], {}
     for s in test_samples:
         data = loaded[s]
-        pred = predict_sample(predictor, data, batch_size, workers, progress,
-                              (embeddings or {}).get(s))
-        per_gene, summary = score(data.targets, pred, predictor.genes, sample=s)
-        bounds, by_calibration = sample_intervals(state, data.targets, pred, level, calibration)
-        summary.update(by_calibration.get(calibration, dict.fromkeys(INTERVAL_METRICS, float("nan"))))
+        pred = predict_sample(run.predictor, data, *inference, (embeddings or {}).get(s))
+        per_gene, summary = score(data.targets, pred, run.predictor.genes, sample=s)
+        bounds, by_calibration = sample_intervals(run.state, data.targets, pred, run.level, run.calibration)
+        summary.update(by_calibration.get(run.calibration, dict.fromkeys(INTERVAL_METRICS, float("nan"))))
         summary["intervals_by_calibration"] = by_calibration
-        with atomic_path(out_dir / "per_gene" / f"{s}.tsv") as tmp:
+        with atomic_path(run.out_dir / "per_gene" / f"{s}.tsv") as tmp:
             per_gene.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
         per_sample[s] = summary
         blocks.append((data, pred, per_gene, bounds))
         entry, mpp, diameter_px = sample_spatial(s, bundles[s], expressions[s])
         if entry:
             spatial[s] = entry
-        if figures:
-            tissue = Tissue.from_spatial(data.centers, mpp, entry, diameter_px)
-            tissue.padded = data.padded.any(axis=1)
-            plot_sample(data.targets, pred, per_gene, tissue, out_dir / "figures", s, name, unit, map_gene, split,
-                        widths=None if bounds is None else bounds[1] - bounds[0], level=level)
-            prediction_geojson(_sample_adata(data, pred, predictor.genes, bounds, level), diameter_px,
-                               out_dir / "qupath" / f"{s}.geojson", f"{name} prediction",
-                               measured_layer="measured")
+        if run.figures:
+            _draw_sample(run, s, (data, pred, per_gene, bounds), (entry, mpp, diameter_px))
+    return per_sample, blocks, spatial
 
+
+def _draw_sample(run: _HeldOut, s: str, block: tuple, where: tuple) -> None:
+    """figures/{s}.maps.jpg, figures/{s}.genes.png and qupath/{s}.geojson of one sample's
+    (data, pred, per_gene, bounds) block, placed by its (uns["spatial"] entry, mpp, spot px)."""
+    data, pred, per_gene, bounds = block
+    entry, mpp, diameter_px = where
+    tissue = Tissue.from_spatial(data.centers, mpp, entry, diameter_px)
+    tissue.padded = data.padded.any(axis=1)
+    plot_sample(data.targets, pred, per_gene, tissue, run.out_dir / "figures", s, run.name, run.unit,
+                run.map_gene, run.split, widths=None if bounds is None else bounds[1] - bounds[0],
+                level=run.level)
+    prediction_geojson(_sample_adata(data, pred, run.predictor.genes, bounds, run.level), diameter_px,
+                       run.out_dir / "qupath" / f"{s}.geojson", f"{run.name} prediction",
+                       measured_layer="measured")
+
+
+def _result(run: _HeldOut, model_file, test_samples: Sequence[str], per_sample: dict, device: str,
+            batch_size: int) -> dict:
+    """summary.json: the per-sample scores, their means over the held-out samples, the intervals
+    and the provenance."""
     means = {k: float(np.nanmean([per_sample[s][k] for s in test_samples]))
              if any(np.isfinite(per_sample[s][k]) for s in test_samples) else float("nan")
              for k in SUMMARY_METRICS}
-    result = {"model": name, "kind": predictor.kind, "split": split or "",
-              "test_samples": list(test_samples),
-              "n_spots": int(sum(per_sample[s]["n_spots"] for s in test_samples)),
-              "n_genes": len(predictor.genes), "mean": means, "samples": per_sample,
-              "model_file": str(model_file), "best_epoch": predictor.meta.get("best_epoch"),
-              "primary_metric": "gene_pcc_mean",
-              "intervals": interval_summary(state, per_sample, level, calibration),
-              "provenance": provenance({"model_fingerprint": predictor.meta.get("fingerprint"),
-                                        "device": device, "batch_size": batch_size})}
-    _write_predictions(blocks, predictor, out_dir / "predictions.h5ad", result, unit, spatial)
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(jsonable(result), indent=2, sort_keys=True) + "\n")
-    return result
+    return {"model": run.name, "kind": run.predictor.kind, "split": run.split or "",
+            "test_samples": list(test_samples),
+            "n_spots": int(sum(per_sample[s]["n_spots"] for s in test_samples)),
+            "n_genes": len(run.predictor.genes), "mean": means, "samples": per_sample,
+            "model_file": str(model_file), "best_epoch": run.predictor.meta.get("best_epoch"),
+            "primary_metric": "gene_pcc_mean",
+            "intervals": interval_summary(run.state, per_sample, run.level, run.calibration),
+            "provenance": provenance({"model_fingerprint": run.predictor.meta.get("fingerprint"),
+                                      "device": device, "batch_size": batch_size})}
 
 
 def sample_intervals(state: dict | None, truth: np.ndarray, pred: np.ndarray, level: float,

@@ -64,6 +64,16 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
     check_bundle(predictor, info, bundle, sample)
     data = load_sample(bundle, None, None, predictor.views, drop_padded=False, sample=sample)
     pred = predict_sample(predictor, data, batch_size, workers, progress)
+    adata = _bundle_adata(predictor, data, pred, model_file, bundle, target_sum=target_sum,
+                          spot_diameter_um=spot_diameter_um, level=level, calibration=calibration)
+    with atomic_path(out_h5ad) as tmp:
+        adata.write_h5ad(tmp)
+    return adata
+
+
+def _bundle_adata(predictor, data, pred: np.ndarray, model_file, bundle, *, target_sum: float,
+                  spot_diameter_um: float, level: float, calibration: str) -> anndata.AnnData:
+    """The AnnData that :func:`predict_bundle` writes (described there) of the bundle's predictions."""
     with h5py.File(bundle, "r") as f:
         tissue = (np.asarray(f["tissue_fraction"][:], np.float32)[data.rows]
                   if "tissue_fraction" in f else np.full(len(data), np.nan, np.float32))
@@ -85,8 +95,6 @@ def predict_bundle(model_file: str | os.PathLike, bundle: str | os.PathLike,
     adata.uns["log1p"] = {"base": None}  # X is log1p-normalised, as after sc.pp.log1p
     if entry:
         adata.uns["spatial"] = {data.sample: entry}
-    with atomic_path(out_h5ad) as tmp:
-        adata.write_h5ad(tmp)
     return adata
 
 
