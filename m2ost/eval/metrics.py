@@ -105,6 +105,41 @@ def _check(y_true: np.ndarray, y_pred: np.ndarray, sample: str | None) -> None:
                          f"(n_spots, n_genes) shape", sample=sample)
 
 
+def _per_gene_table(y_true: np.ndarray, y_pred: np.ndarray, genes: Sequence[str], r: np.ndarray,
+                    err: np.ndarray) -> pd.DataFrame:
+    """One row a gene: gene, pcc, defined, rmse, mae, mean_true, mean_pred."""
+    return pd.DataFrame({
+        "gene": list(genes),
+        "pcc": r,
+        "defined": np.isfinite(r),
+        "rmse": np.sqrt((err ** 2).mean(axis=0)),
+        "mae": np.abs(err).mean(axis=0),
+        "mean_true": y_true.mean(axis=0),
+        "mean_pred": y_pred.mean(axis=0),
+    })
+
+
+def _summary(y_true: np.ndarray, y_pred: np.ndarray, r: np.ndarray, err: np.ndarray, top_k: int) -> dict:
+    """The sample's summary (see :func:`score`) from the per-gene correlations ``r``."""
+    defined = r[np.isfinite(r)]
+    best = np.sort(defined)[::-1][:top_k]
+    s = spot_pcc(y_true, y_pred)
+    nan = float("nan")
+    return {
+        "n_spots": int(y_true.shape[0]),
+        "n_genes": int(y_true.shape[1]),
+        "n_genes_defined": int(defined.size),
+        "n_genes_undefined": int(r.size - defined.size),
+        "gene_pcc_mean": float(defined.mean()) if defined.size else nan,
+        "gene_pcc_median": float(np.median(defined)) if defined.size else nan,
+        f"gene_pcc_top{top_k}": float(best.mean()) if best.size else nan,
+        "top_k_used": int(best.size),
+        "spot_pcc_paper": float(np.nanmean(s)) if np.isfinite(s).any() else nan,
+        "rmse": float(np.sqrt((err ** 2).mean())),
+        "mae": float(np.abs(err).mean()),
+    }
+
+
 def score(y_true: np.ndarray, y_pred: np.ndarray, genes: Sequence[str],
           sample: str | None = None, top_k: int = TOP_K) -> tuple[pd.DataFrame, dict]:
     """Score one held-out sample.
@@ -141,30 +176,6 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, genes: Sequence[str],
         raise InputError(f"{len(genes)} gene names for {y_true.shape[1]} columns", sample=sample)
     r = pearson(y_true, y_pred, axis=0)  # NaN where the truth or the prediction is constant
     err = y_pred - y_true
-    per_gene = pd.DataFrame({
-        "gene": list(genes),
-        "pcc": r,
-        "defined": np.isfinite(r),
-        "rmse": np.sqrt((err ** 2).mean(axis=0)),
-        "mae": np.abs(err).mean(axis=0),
-        "mean_true": y_true.mean(axis=0),
-        "mean_pred": y_pred.mean(axis=0),
-    })
-    defined = r[np.isfinite(r)]
-    best = np.sort(defined)[::-1][:top_k]
-    s = spot_pcc(y_true, y_pred)
-    nan = float("nan")
-    summary = {
-        "n_spots": int(y_true.shape[0]),
-        "n_genes": int(y_true.shape[1]),
-        "n_genes_defined": int(defined.size),
-        "n_genes_undefined": int(r.size - defined.size),
-        "gene_pcc_mean": float(defined.mean()) if defined.size else nan,
-        "gene_pcc_median": float(np.median(defined)) if defined.size else nan,
-        f"gene_pcc_top{top_k}": float(best.mean()) if best.size else nan,
-        "top_k_used": int(best.size),
-        "spot_pcc_paper": float(np.nanmean(s)) if np.isfinite(s).any() else nan,
-        "rmse": float(np.sqrt((err ** 2).mean())),
-        "mae": float(np.abs(err).mean()),
-    }
+    per_gene = _per_gene_table(y_true, y_pred, genes, r, err)
+    summary = _summary(y_true, y_pred, r, err, top_k)
     return per_gene, summary

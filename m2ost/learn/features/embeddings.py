@@ -141,6 +141,50 @@ class Embeddings:
     bundle_digest: str
 
 
+def _read_open_file(f: h5py.File, path: str | os.PathLike, sample: str | None,
+                    rows: Sequence[int] | None, tokens: bool) -> Embeddings:
+    """The contents of an open embeddings file (see :func:`read_embeddings`), checked."""
+    a = f.attrs
+    if int(a.get("format_version", -1)) != FORMAT_VERSION:
+        raise InputError("not an embeddings file of this m2ost version; rerun the embed stage",
+                         file=path, sample=sample)
+    stored = json.loads(a["encoder"])
+    got = Embeddings(sample=str(a["sample"]), barcode=None, pooled=None, tokens=None,
+                     grid=tuple(int(g) for g in a["grid"]), encoder=stored,
+                     views=json.loads(a["views"]), bundle_digest=str(a["bundle_digest"]))
+    if sample is not None and got.sample != sample:
+        raise InputError(f"embeddings of sample {got.sample}, expected {sample}", file=path,
+                         sample=sample)
+    n = f["pooled"].shape[0]
+    sel = np.arange(n) if rows is None else np.asarray(rows, np.int64)
+    if sel.size and (sel.min() < 0 or sel.max() >= n):
+        raise InputError(f"rows outside the {n} spots of the embeddings", file=path, sample=sample)
+    barcode = f["barcode"][:]
+    got.barcode = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in barcode],
+                           dtype=object)[sel]
+    got.pooled = _take(f["pooled"], sel).astype(np.float32, copy=False)
+    if tokens:
+        if "tokens" not in f:
+            raise InputError("embeddings hold no token grid (set encoder.tokens: true and rerun "
+                             "the embed stage)", file=path, sample=sample)
+        got.tokens = _take(f["tokens"], sel)
+    return got
+
+
+def _check_encoder(stored: dict, encoder: dict, tokens: bool, path: str | os.PathLike,
+                   sample: str | None) -> None:
+    """The file's encoder record ``stored`` must match ``encoder`` (see :func:`read_embeddings`)."""
+    had = stored_settings(stored) if "settings" in stored else {}
+    # the pooled features do not depend on what the token grids carry
+    keys = [k for k in encoder.get("settings", {}) if tokens or k not in TOKEN_KEYS]
+    differ = [k for k in keys if had.get(k) != encoder["settings"][k]]
+    if encoder.get("checksum") != stored.get("checksum"):
+        differ.append("weights file checksum")
+    if differ:
+        raise InputError(f"embeddings were computed with another encoder (differs in: {', '.join(differ)}); "
+                         "rerun the embed stage", file=path, sample=sample)
+
+
 def read_embeddings(path: str | os.PathLike, sample: str | None = None, tokens: bool = False, *,
                     bundle: str | os.PathLike | None = None, rows: Sequence[int] | None = None,
                     encoder: dict | None = None) -> Embeddings:
@@ -160,30 +204,7 @@ def read_embeddings(path: str | os.PathLike, sample: str | None = None, tokens: 
     """
     try:
         with h5py.File(path, "r") as f:
-            a = f.attrs
-            if int(a.get("format_version", -1)) != FORMAT_VERSION:
-                raise InputError("not an embeddings file of this m2ost version; rerun the embed stage",
-                                 file=path, sample=sample)
-            stored = json.loads(a["encoder"])
-            got = Embeddings(sample=str(a["sample"]), barcode=None, pooled=None, tokens=None,
-                             grid=tuple(int(g) for g in a["grid"]), encoder=stored,
-                             views=json.loads(a["views"]), bundle_digest=str(a["bundle_digest"]))
-            if sample is not None and got.sample != sample:
-                raise InputError(f"embeddings of sample {got.sample}, expected {sample}", file=path,
-                                 sample=sample)
-            n = f["pooled"].shape[0]
-            sel = np.arange(n) if rows is None else np.asarray(rows, np.int64)
-            if sel.size and (sel.min() < 0 or sel.max() >= n):
-                raise InputError(f"rows outside the {n} spots of the embeddings", file=path, sample=sample)
-            barcode = f["barcode"][:]
-            got.barcode = np.array([b.decode() if isinstance(b, bytes) else str(b) for b in barcode],
-                                   dtype=object)[sel]
-            got.pooled = _take(f["pooled"], sel).astype(np.float32, copy=False)
-            if tokens:
-                if "tokens" not in f:
-                    raise InputError("embeddings hold no token grid (set encoder.tokens: true and rerun "
-                                     "the embed stage)", file=path, sample=sample)
-                got.tokens = _take(f["tokens"], sel)
+            got = _read_open_file(f, path, sample, rows, tokens)
     except FileNotFoundError:
         raise InputError("embeddings file not found (run the embed stage)", file=path, sample=sample) from None
     except (OSError, KeyError, ValueError) as err:
@@ -193,15 +214,7 @@ def read_embeddings(path: str | os.PathLike, sample: str | None = None, tokens: 
         raise InputError(f"embeddings were computed from another version of the bundle {bundle}; "
                          "rerun the embed stage", file=path, sample=sample)
     if encoder is not None:
-        had = stored_settings(stored) if "settings" in stored else {}
-        # the pooled features do not depend on what the token grids carry
-        keys = [k for k in encoder.get("settings", {}) if tokens or k not in TOKEN_KEYS]
-        differ = [k for k in keys if had.get(k) != encoder["settings"][k]]
-        if encoder.get("checksum") != stored.get("checksum"):
-            differ.append("weights file checksum")
-        if differ:
-            raise InputError(f"embeddings were computed with another encoder (differs in: {', '.join(differ)}); "
-                             "rerun the embed stage", file=path, sample=sample)
+        _check_encoder(got.encoder, encoder, tokens, path, sample)
     return got
 
 

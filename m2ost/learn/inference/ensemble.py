@@ -102,6 +102,64 @@ def validation_predictions(predictors: Sequence, data, parts: Mapping, embedding
     return preds, truth, group
 
 
+def _load_members(member_files: Mapping[str, str], genes: Sequence[str], cfg: Mapping,
+                  train_samples: Sequence[str]) -> tuple[list[str], dict, list]:
+    """The members' names, checked payloads and predictors (a GPU when present)."""
+    names = list(member_files)
+    if not names:
+        raise InputError("an ensemble needs at least one member (ensemble.members)")
+    payloads = {}
+    for name in names:
+        payloads[name] = load_checkpoint(Path(member_files[name]))
+        member_check(name, payloads[name], genes, cfg, train_samples, member_files[name])
+    predictors = [predictor_from_payload(payloads[n], "auto") for n in names]
+    return names, payloads, predictors
+
+
+def _training_data(predictors: Sequence, names: Sequence[str], bundles: Mapping[str, str],
+                   expressions: Mapping[str, str], genes: Sequence[str], train_samples: Sequence[str],
+                   cfg: Mapping) -> list:
+    """The training samples on all views; every member must keep the same spots on its own."""
+    data = load_samples(bundles, expressions, genes, list(train_samples), None,
+                        drop_padded=bool(cfg["drop_padded"]), verify=False)
+    for p, name in zip(predictors, names):  # padding is judged on a member's views: same spots?
+        mine = load_samples(bundles, expressions, genes, list(train_samples), p.views,
+                            drop_padded=bool(cfg["drop_padded"]), verify=False)
+        if any(len(a) != len(b) or (a.rows != b.rows).any() for a, b in zip(mine, data)):
+            raise InputError(f"member {name} uses views {p.views}, which drop other padded spots than all "
+                             "views do: its validation spots differ (set train.drop_padded: false)")
+    return data
+
+
+def _weigh_members(names: Sequence[str], preds: Sequence[np.ndarray], truth: np.ndarray,
+                   group: np.ndarray, step: float) -> tuple[tuple[float, ...], list[dict]]:
+    """Choose the weights, log each member's and the ensemble's validation PCC, mark the rows."""
+    weights, rows = choose_weights(preds, truth, group, step)
+    for name, p in zip(names, preds):
+        log.info("ensemble member %s: validation gene PCC %.4f", name, per_sample_pcc(truth, p, group))
+    log.info("ensemble weights %s: validation gene PCC %.4f",
+             ", ".join(f"{n} {w:g}" for n, w in zip(names, weights)),
+             max(r["val_gene_pcc"] for r in rows))
+    for r in rows:
+        r["chosen"] = r["weights"] == weights
+        r["weights"] = " ".join(f"{n}={w:g}" for n, w in zip(names, r["weights"]))
+    return weights, rows
+
+
+def _ensemble_payload(kept: Sequence[tuple[str, float]], payloads: Mapping, info: Mapping, step: float,
+                      genes: Sequence[str], cfg: Mapping, train_samples: Sequence[str]) -> dict:
+    """The ensemble's checkpoint payload: the kept members in full, with their weights."""
+    views = sorted({v for n, _ in kept for v in payloads[n]["views"]})
+    fov = [info["fov_um"][v] for v in views]
+    img_size = info["size_px"][views[0]]
+    stored_cfg = {"members": [n for n, _ in kept], "weights": [w for _, w in kept], "step": step,
+                  "member_fingerprints": [payloads[n]["fingerprint"] for n, _ in kept]}
+    fp = model_fingerprint(ENSEMBLE, stored_cfg, genes, views, img_size, fov)
+    payload = model_payload(ENSEMBLE, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
+    payload["state"] = {"weights": [w for _, w in kept], "members": [payloads[n] for n, _ in kept]}
+    return payload
+
+
 def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], expressions: Mapping[str, str],
                  embeddings: Mapping[str, str] | None, genes_file: str, train_samples: Sequence[str],
                  settings: Mapping | None, out_dir: str | os.PathLike) -> dict:
@@ -117,47 +175,17 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     cfg = train_settings(settings.get("train"))
     step = float(defaults.settings(ENSEMBLE, ens_cfg)["step"])
     genes = read_gene_list(genes_file)
-    names = list(member_files)
-    if not names:
-        raise InputError("an ensemble needs at least one member (ensemble.members)")
-    payloads = {}
-    for name in names:
-        payloads[name] = load_checkpoint(Path(member_files[name]))
-        member_check(name, payloads[name], genes, cfg, train_samples, member_files[name])
-    predictors = [predictor_from_payload(payloads[n], "auto") for n in names]  # a GPU when present
-    data = load_samples(bundles, expressions, genes, list(train_samples), None,
-                        drop_padded=bool(cfg["drop_padded"]), verify=False)
-    for p, name in zip(predictors, names):  # padding is judged on a member's views: same spots?
-        mine = load_samples(bundles, expressions, genes, list(train_samples), p.views,
-                            drop_padded=bool(cfg["drop_padded"]), verify=False)
-        if any(len(a) != len(b) or (a.rows != b.rows).any() for a, b in zip(mine, data)):
-            raise InputError(f"member {name} uses views {p.views}, which drop other padded spots than all "
-                             "views do: its validation spots differ (set train.drop_padded: false)")
+    names, payloads, predictors = _load_members(member_files, genes, cfg, train_samples)
+    data = _training_data(predictors, names, bundles, expressions, genes, train_samples, cfg)
     parts = validation_spots({d.sample: len(d) for d in data}, float(cfg["val_fraction"]), int(cfg["seed"]))
     n_val = sum(len(parts[d.sample][1]) for d in data)
     if n_val < 2:
         raise InputError(f"an ensemble chooses its weights on validation spots; {n_val} drawn "
                          "(train.val_fraction > 0 needed)")
     preds, truth, group = validation_predictions(predictors, data, parts, embeddings or {}, 64)
-    weights, rows = choose_weights(preds, truth, group, step)
-    for name, p in zip(names, preds):
-        log.info("ensemble member %s: validation gene PCC %.4f", name, per_sample_pcc(truth, p, group))
-    log.info("ensemble weights %s: validation gene PCC %.4f",
-             ", ".join(f"{n} {w:g}" for n, w in zip(names, weights)),
-             max(r["val_gene_pcc"] for r in rows))
-    for r in rows:
-        r["chosen"] = r["weights"] == weights
-        r["weights"] = " ".join(f"{n}={w:g}" for n, w in zip(names, r["weights"]))
+    weights, rows = _weigh_members(names, preds, truth, group, step)
     kept = [(n, w) for n, w in zip(names, weights) if w > 0]
-    views = sorted({v for n, _ in kept for v in payloads[n]["views"]})
-    info = data[0].info
-    fov = [info["fov_um"][v] for v in views]
-    img_size = info["size_px"][views[0]]
-    stored_cfg = {"members": [n for n, _ in kept], "weights": [w for _, w in kept], "step": step,
-                  "member_fingerprints": [payloads[n]["fingerprint"] for n, _ in kept]}
-    fp = model_fingerprint(ENSEMBLE, stored_cfg, genes, views, img_size, fov)
-    payload = model_payload(ENSEMBLE, genes, views, img_size, fov, stored_cfg, cfg, train_samples, fp)
-    payload["state"] = {"weights": [w for _, w in kept], "members": [payloads[n] for n, _ in kept]}
+    payload = _ensemble_payload(kept, payloads, data[0].info, step, genes, cfg, train_samples)
     ensemble_pred = sum(w * p for w, p in zip(weights, preds) if w)
     payload.update(validation_record(truth, ensemble_pred, group, genes, int(cfg["seed"])))
     out_dir = Path(out_dir)
@@ -166,4 +194,3 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     best = next(r for r in rows if r["chosen"])
     return {"kind": ENSEMBLE, "model_file": str(out_dir / "model.pt"), "weights": dict(kept),
             "val_gene_pcc": best["val_gene_pcc"], "val_loss": best["val_loss"]}
-
