@@ -100,8 +100,11 @@ def write_bundle(path, sample: str, views: list[np.ndarray], coords: np.ndarray,
 
 
 def write_expression(path, sample: str, barcodes: list[str], rows: np.ndarray,
-                     x: np.ndarray, genes: list[str], coords: np.ndarray) -> Path:
-    """Write an expression file in the layout of ``results/expression/{sample}.h5ad``."""
+                     x: np.ndarray, genes: list[str], coords: np.ndarray,
+                     depth: tuple[np.ndarray, float] | None = None) -> Path:
+    """Write an expression file in the layout of ``results/expression/{sample}.h5ad``; ``depth``:
+    the spots' library sizes and the target sum of x = log1p(counts / library size * target sum),
+    recorded as the expression stage does."""
     import anndata
     import pandas as pd
     from scipy import sparse
@@ -116,6 +119,9 @@ def write_expression(path, sample: str, barcodes: list[str], rows: np.ndarray,
                             layers={"counts": sparse.csr_matrix(counts)},
                             obsm={"spatial": np.asarray(coords, np.float64)[rows]})
     adata.uns["m2ost"] = json.dumps({"sample": sample, "synthetic": True})
+    if depth is not None:
+        adata.obs["total_counts"] = np.asarray(depth[0], np.float64)
+        adata.uns["m2ost"] = {"sample": sample, "synthetic": True, "target_sum": float(depth[1])}
     adata.write_h5ad(path)
     return path
 

@@ -27,10 +27,11 @@ LEVEL = 0.9
 
 
 def heteroscedastic(rng, n: int, n_genes: int = 20, noise: float = 1.0, shift: float = 0.0):
-    """Predictions and truths whose error grows with the first predicted gene (the difficulty),
-    the same law for every gene; ``noise`` scales the error, ``shift`` adds a bias."""
-    pred = rng.normal(0, 1, (n, n_genes))
-    sigma = 0.1 + np.abs(pred[:, :1])  # (n, 1): hard spots are those with a large first gene
+    """Predictions and truths whose error grows with the first predicted gene's distance from its
+    mean (the difficulty), the same law for every gene; ``noise`` scales the error, ``shift`` adds
+    a bias. Values lie around 10, far from 0, the least a log1p expression measures."""
+    pred = 10 + rng.normal(0, 1, (n, n_genes))
+    sigma = 0.1 + np.abs(pred[:, :1] - 10)  # (n, 1): hard spots are those with an unusual first gene
     truth = pred + noise * sigma * rng.normal(0, 1, (n, n_genes)) + shift
     return pred, truth, np.broadcast_to(sigma, pred.shape)
 
@@ -104,7 +105,8 @@ def test_model_file_round_trip_and_evaluation_outputs(ridge_model, tmp_path):
     mean = result["mean"]
     assert 0.5 < mean["interval_coverage"] <= 1.0 and mean["interval_width"] > 0
     assert mean["interval_coverage_gene_p10"] <= mean["interval_coverage"]
-    assert set(result["intervals"]["by_calibration"]) == {"spots", "sections"}
+    assert set(result["intervals"]["by_calibration"]) == {"spots/measured", "spots/training", "sections/measured",
+                                                          "sections/training"}
     # the same bounds from the model file as from the state computed here
     adata = anndata.read_h5ad(tmp_path / "predictions.h5ad")
     record = adata.uns["m2ost"]["intervals"]
@@ -146,8 +148,9 @@ def test_a_model_without_calibration_still_predicts(ridge_model, tmp_path, caplo
 
 @pytest.fixture(scope="module")
 def her2st_pair(tmp_path_factory):
-    """Real C3 (training) and C4 (held out) spots: three 112-px views cut from the JPEGs, the
-    log1p-CPM of the 30 most variable panel genes, and each section's H&E for the viewers."""
+    """Real C3 (training), C4 and B4 (held out; B4 sequenced about 14 times less deeply) spots:
+    three 112-px views cut from the JPEGs, the log1p-CPM of C3's 30 most variable panel genes
+    with the library sizes, and each section's H&E for the viewers."""
     from PIL import Image
 
     from her2st_views import MPP, section_image, write_section_bundle
@@ -157,21 +160,22 @@ def her2st_pair(tmp_path_factory):
     panel = (HER2ST / "gene-panels" / "m2ost_250.txt").read_text().split()
     out = {"bundles": {}, "expressions": {}, "size": {}}
     genes = None
-    for section in ("C3", "C4"):
+    for section in ("C3", "C4", "B4"):
         image = section_image(section)
         out["size"][section] = image.shape[1::-1]
         _, barcodes = write_section_bundle(root / f"{section}.h5", section, 160, image=image)
         counts = pd.read_csv(her2st_files(section)["counts"], sep="\t", index_col=0)
         rows = np.flatnonzero(np.isin(barcodes, counts.index))
         c = counts.loc[np.asarray(barcodes)[rows]]
-        y = np.log1p(c[panel].to_numpy(np.float64) / c.sum(1).to_numpy()[:, None] * 1e6)
+        lib = c.sum(1).to_numpy(np.float64)
+        y = np.log1p(c[panel].to_numpy(np.float64) / lib[:, None] * 1e6)
         genes = genes or [panel[i] for i in np.argsort(-y.var(0))[:30]]
         y = y[:, [panel.index(g) for g in genes]]
         positions = pd.read_csv(her2st_files(section)["positions"], sep="\t")
         xy = {f"{x}x{yy}": (px, py) for x, yy, px, py in zip(positions.x, positions.y, positions.pixel_x,
                                                             positions.pixel_y)}
         coords = np.array([xy[b] for b in barcodes])
-        path = write_expression(root / f"{section}.h5ad", section, barcodes, rows, y, genes, coords)
+        path = write_expression(root / f"{section}.h5ad", section, barcodes, rows, y, genes, coords, (lib, 1e6))
         scalef = 0.1
         thumb = np.asarray(Image.fromarray(image).resize((round(image.shape[1] * scalef),
                                                           round(image.shape[0] * scalef))))
@@ -215,14 +219,35 @@ def test_real_her2st_intervals_reach_the_viewers(her2st_pair, tmp_path):
     assert (tmp_path / "C4.png").stat().st_size > 0
 
 
+@needs_her2st
+def test_real_her2st_patient_b_is_covered_at_its_own_depth(her2st_pair, tmp_path):
+    """Trained on C3, held out B4 (another patient, about 14 times shallower): the intervals at the
+    training depth miss its zeros; thinned to each B4 spot's library size they cover it."""
+    data = her2st_pair
+    fit_model("ridge", {"C3": data["bundles"]["C3"]}, {"C3": data["expressions"]["C3"]}, data["genes_file"],
+              ["C3"], None, tiny_train_cfg(val_fraction=0.4), tmp_path / "model")
+    result = evaluate(tmp_path / "model" / "model.pt", data["bundles"], data["expressions"], ["B4", "C4"],
+                      tmp_path / "ev", device="cpu", figures=False)
+    cov = {(s, v): result["samples"][s]["intervals_by_calibration"][f"sections/{v}"]["interval_coverage"]
+           for s in ("B4", "C4") for v in ("training", "measured")}
+    print("C3 -> B4, C4 ridge coverage:", cov)
+    assert cov["B4", "training"] < LEVEL - 0.05, cov  # 0.83 when written
+    assert cov["B4", "measured"] >= LEVEL - 0.03 and cov["B4", "measured"] > cov["B4", "training"] + 0.04, cov
+    assert abs(cov["C4", "measured"] - cov["C4", "training"]) < 0.05, cov  # as deep as C3: little changes
+    assert result["intervals"]["depth"] == "measured"
+    assert result["samples"]["B4"]["interval_coverage"] == cov["B4", "measured"]
+
+
 def test_the_level_and_calibration_reach_the_rules_and_the_intervals(ridge_model, tmp_path):
     from m2ost import defaults
     from m2ost.plan.settings import eval_settings, predict_settings
 
     config = defaults.config_defaults()
-    config["intervals"] = {"level": 0.5, "calibration": "spots"}
+    config["intervals"] = {"level": 0.5, "calibration": "spots", "depth": "training"}
     for settings in (eval_settings(config), predict_settings(config)):
         assert settings["interval_level"] == 0.5 and settings["interval_calibration"] == "spots"
+    # only an evaluation knows the measured depth of its spots
+    assert eval_settings(config)["interval_depth"] == "training" and "interval_depth" not in predict_settings(config)
     study, model_file = ridge_model
     widths = {}
     for level in (0.5, 0.9):
@@ -234,3 +259,40 @@ def test_the_level_and_calibration_reach_the_rules_and_the_intervals(ridge_model
     with pytest.raises(InputError, match="level"):
         evaluate(model_file, study["bundles"], study["expressions"], ["C"], tmp_path / "bad", device="cpu",
                  figures=False, interval_level=1.5)
+    with pytest.raises(InputError, match="intervals.depth"):
+        evaluate(model_file, study["bundles"], study["expressions"], ["C"], tmp_path / "bad", device="cpu",
+                 figures=False, interval_depth="deep")
+
+
+def sequenced(rng, n: int, depth: tuple[float, float], target_sum: float = 1e4, n_genes: int = 30):
+    """Spots measured at library sizes drawn in ``depth``: the model's predictions (the log1p of
+    each spot's true expression, which it knows up to a small error), the measured log1p
+    expression of Poisson counts at that depth, and the library sizes."""
+    share = np.exp(rng.normal(np.linspace(-9, -4, n_genes), 0.8, (n, n_genes)))  # of the spot's transcripts
+    lib = rng.uniform(*depth, n)
+    counts = rng.poisson(share * lib[:, None])
+    truth = np.log1p(counts / lib[:, None] * target_sum)
+    pred = np.log1p(share * target_sum) + rng.normal(0, 0.1, share.shape)
+    return pred, truth, lib
+
+
+def test_a_shallower_section_is_covered_once_the_calibration_is_thinned_to_its_depth():
+    rng = np.random.default_rng(4)
+    pred, truth, lib = sequenced(rng, 600, (6000, 12000))
+    state = fit_calibration(pred, truth, rng.integers(0, 3, 600), seed=1, depth=lib, target_sum=1e4)
+    coverage = {}
+    for name, depth in (("as deep", (6000, 12000)), ("14x shallower", (450, 900))):
+        test_pred, test_truth, test_lib = sequenced(np.random.default_rng(8), 3000, depth)
+        for mode, spot_depth in (("training", None), ("measured", test_lib)):
+            lower, upper = intervals(state, test_pred, LEVEL, "spots", spot_depth)
+            coverage[name, mode] = interval_scores(test_truth, lower, upper)["interval_coverage"]
+    print(coverage)
+    # the calibration's own depth: both near the level
+    assert LEVEL - 0.03 <= coverage["as deep", "training"] <= LEVEL + 0.05, coverage
+    assert LEVEL - 0.03 <= coverage["as deep", "measured"] <= LEVEL + 0.06, coverage
+    # shallower: the plain calibration falls short, thinned to each spot's depth it does not
+    assert coverage["14x shallower", "training"] < LEVEL - 0.1, coverage
+    assert LEVEL - 0.03 <= coverage["14x shallower", "measured"] <= LEVEL + 0.06, coverage
+    # the same bounds from the same state: thinning is seeded
+    again = intervals(state, test_pred, LEVEL, "spots", test_lib)
+    np.testing.assert_array_equal(again[0], intervals(state, test_pred, LEVEL, "spots", test_lib)[0])

@@ -80,6 +80,7 @@ def evaluate(args) -> None:
                    batch_size=settings.get("batch_size"), workers=settings.get("workers", 0),
                    map_gene=settings.get("map_gene"), interval_level=settings.get("interval_level"),
                    interval_calibration=settings.get("interval_calibration"),
+                   interval_depth=settings.get("interval_depth"),
                    embeddings=parse_pairs(args.embeddings, "--embeddings") if args.embeddings else None)
 
 

@@ -16,6 +16,15 @@ the level. Held-out sections are not exchangeable with validation spots of the t
 sections; ``intervals.calibration: sections`` raises the quantile until calibration by
 leave-one-section-out *within the validation spots* reaches the level on average
 (:func:`section_quantile_level`); ``spots`` keeps the plain quantile.
+
+Sequencing depth: a section sequenced less deeply than the training sections measures each
+gene with more sampling noise (more zeros, coarser values), which the H&E cannot show. Where the
+calibration spots' library sizes are known (``depth``, with the expression's ``target_sum``),
+their measured values are stored too, and an interval for a spot whose own library size is
+known (``intervals.depth: measured``, at evaluation) is calibrated on the calibration spots'
+counts binomially thinned to that depth (:func:`thinned_truth`): what those spots would have
+measured at the held-out spot's depth. Spots at least as deep as the calibration spots keep the
+plain calibration.
 """
 
 from __future__ import annotations
@@ -26,13 +35,16 @@ import numpy as np
 
 from m2ost.errors import InputError
 
-FORMAT = 1
+FORMAT = 2  # 2: the calibration spots' predictions, measurements and depths are stored
 # Penalties tried for the difficulty head, relative to the number of fitting spots; inf = constant.
 HEAD_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0, math.inf)
 # The head's σ̂ never falls below this fraction of the gene's mean absolute residual.
 SIGMA_FLOOR = 0.1
 MIN_CALIBRATION = 10  # fewer validation spots: plain conformal on all of them, no head
 CALIBRATIONS = ("spots", "sections")
+# measured: thin the calibration to each spot's own library size where known; training: never.
+DEPTHS = ("measured", "training")
+DEPTH_STEP = 0.5  # octaves between the depths the calibration is thinned to
 LEVEL_STEP = 0.0025
 # What an evaluation reports of the intervals on held-out spots (interval_scores).
 INTERVAL_METRICS = ("interval_coverage", "interval_coverage_gene_p10", "interval_width")
@@ -96,10 +108,13 @@ def difficulty(head: dict, pred: np.ndarray) -> np.ndarray:
     return np.maximum(sigma, head["floor"]).astype(np.float32)
 
 
-def fit_calibration(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int) -> dict | None:
+def fit_calibration(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int,
+                    depth: np.ndarray | None = None, target_sum: float | None = None) -> dict | None:
     """The calibration state of a model from its validation predictions (see the module docstring).
 
-    ``group``: each spot's training section (any integer labels). None when there are fewer than
+    ``group``: each spot's training section (any integer labels). ``depth``: each spot's library
+    size (total counts) and ``target_sum`` the normalisation's, both or neither: with them, the
+    calibration spots are kept for intervals at another depth. None when there are fewer than
     two validation spots."""
     pred, truth, group = np.asarray(pred, np.float64), np.asarray(truth, np.float64), np.asarray(group)
     if len(pred) < 2:
@@ -114,9 +129,29 @@ def fit_calibration(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed
         head.update(w=np.zeros_like(head["w"]), b=np.ones_like(head["b"]), floor=np.ones_like(head["floor"]),
                     penalty=math.inf)
     scores = resid[cal] / difficulty(head, pred[cal])
-    return {"format": FORMAT, "head": head, "scores": scores.astype(np.float32),
-            "groups": np.unique(group[cal], return_inverse=True)[1].astype(np.int64),
-            "n_fit": int(len(pred) - len(cal)), "n_calibration": int(len(cal))}
+    state = {"format": FORMAT, "head": head, "scores": scores.astype(np.float32),
+             "groups": np.unique(group[cal], return_inverse=True)[1].astype(np.int64),
+             "n_fit": int(len(pred) - len(cal)), "n_calibration": int(len(cal)), "seed": int(seed)}
+    if depth is not None and target_sum is not None:
+        state["spots"] = {"pred": pred[cal].astype(np.float32), "truth": truth[cal].astype(np.float32),
+                          "depth": np.asarray(depth, np.float64)[cal], "target_sum": float(target_sum)}
+    return state
+
+
+def thinned_truth(spots: dict, depth: float, rng: np.random.Generator) -> np.ndarray:
+    """The calibration spots' measured values had they been sequenced to ``depth`` counts: their
+    counts (recovered from log1p(counts / library size * target_sum)) binomially thinned by
+    depth / library size; spots no deeper than ``depth`` are kept as measured."""
+    lib, target = np.asarray(spots["depth"], np.float64), float(spots["target_sum"])
+    keep = np.minimum(1.0, depth / lib)
+    counts = np.rint(np.expm1(np.asarray(spots["truth"], np.float64)) * (lib / target)[:, None])
+    thinned = rng.binomial(np.maximum(counts, 0).astype(np.int64), keep[:, None])
+    return np.log1p(thinned * (target / (keep * lib))[:, None])
+
+
+def depth_bins(depth: np.ndarray) -> np.ndarray:
+    """Each spot's depth bin: the grid depth 2 ** (bin * DEPTH_STEP) at or just below it."""
+    return np.floor(np.log2(np.maximum(np.asarray(depth, np.float64), 1.0)) / DEPTH_STEP).astype(np.int64)
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
@@ -144,27 +179,63 @@ def section_quantile_level(scores: np.ndarray, groups: np.ndarray, level: float)
     return 1.0
 
 
-def quantile_level(state: dict, level: float, calibration: str) -> float:
-    """The level of the scores' quantile that gives intervals of nominal ``level``."""
+def check_interval_settings(level: float, calibration: str, depth_mode: str = "training") -> None:
+    """One line naming the setting for a bad ``intervals.level``, ``.calibration`` or ``.depth``."""
     if not 0.0 < level < 1.0:
         raise InputError(f"intervals.level must be in (0, 1), got {level}")
     if calibration not in CALIBRATIONS:
         raise InputError(f"intervals.calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    if depth_mode not in DEPTHS:
+        raise InputError(f"intervals.depth must be one of {', '.join(DEPTHS)}, got {depth_mode!r}")
+
+
+def quantile_level(state: dict, level: float, calibration: str, scores: np.ndarray | None = None) -> float:
+    """The level of the scores' quantile that gives intervals of nominal ``level`` (``scores``:
+    the state's own by default)."""
+    check_interval_settings(level, calibration)
+    scores = np.asarray(state["scores"]) if scores is None else scores
     if calibration == "sections":
-        return section_quantile_level(np.asarray(state["scores"]), np.asarray(state["groups"]), level)
+        return section_quantile_level(scores, np.asarray(state["groups"]), level)
     return float(level)
 
 
-def quantiles(state: dict, level: float, calibration: str) -> np.ndarray:
+def quantiles(state: dict, level: float, calibration: str, scores: np.ndarray | None = None) -> np.ndarray:
     """Per-gene multipliers q_g of σ̂ at ``level`` (``calibration``: spots or sections)."""
-    return conformal_quantile(np.asarray(state["scores"]), quantile_level(state, level, calibration))
+    scores = np.asarray(state["scores"]) if scores is None else scores
+    return conformal_quantile(scores, quantile_level(state, level, calibration, scores))
 
 
-def intervals(state: dict, pred: np.ndarray, level: float, calibration: str) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) bounds (n, G) float32 of the predictions ``pred`` at ``level``."""
-    half = quantiles(state, level, calibration) * difficulty(state["head"], pred)
-    pred = np.asarray(pred, np.float32)
-    return (pred - half).astype(np.float32), (pred + half).astype(np.float32)
+def depth_quantiles(state: dict, level: float, calibration: str, depth: np.ndarray | None) -> np.ndarray:
+    """q_g per spot (n, G) for spots of library sizes ``depth``, or (1, G) for the calibration
+    spots' own depths (``depth`` None, or a state without its calibration spots)."""
+    plain = quantiles(state, level, calibration)[None, :]
+    spots = state.get("spots")
+    if depth is None or spots is None:
+        return plain
+    bins = depth_bins(depth)
+    sigma = difficulty(state["head"], spots["pred"])
+    out = np.empty((len(bins), plain.shape[1]))
+    for b in np.unique(bins):
+        grid = 2.0 ** (b * DEPTH_STEP)
+        if grid >= np.max(spots["depth"]):  # no calibration spot is deeper: nothing to thin
+            out[bins == b] = plain
+            continue
+        rng = np.random.default_rng([int(state["seed"]), int(b)])
+        scores = np.abs(thinned_truth(spots, grid, rng) - spots["pred"]) / sigma
+        out[bins == b] = quantiles(state, level, calibration, scores)
+    return out
+
+
+def intervals(state: dict, pred: np.ndarray, level: float, calibration: str,
+              depth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) bounds (n, G) float32 of the predictions ``pred`` at ``level``; ``depth``:
+    the spots' library sizes, for intervals of measurements at that depth (see the module
+    docstring). An interval reaching below 0, the least a log1p expression measures, starts at 0."""
+    half = depth_quantiles(state, level, calibration, depth) * difficulty(state["head"], pred)
+    pred = np.asarray(pred, np.float64)
+    lower, upper = pred - half, pred + half
+    lower = np.where(upper >= 0, np.maximum(lower, 0.0), lower)
+    return lower.astype(np.float32), upper.astype(np.float32)
 
 
 def interval_scores(truth: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> dict:

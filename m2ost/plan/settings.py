@@ -115,9 +115,10 @@ def interval_settings(config: Mapping) -> dict:
 
 
 def eval_settings(config: Mapping) -> dict:
-    """The ``--settings`` of an ``evaluate`` job."""
+    """The ``--settings`` of an ``evaluate`` job (the intervals at the held-out spots' depths)."""
     return {"device": config["train"]["device"], "batch_size": eval_batch_size(config["train"]),
-            "map_gene": config["evaluate"]["map_gene"], **interval_settings(config)}
+            "map_gene": config["evaluate"]["map_gene"], **interval_settings(config),
+            "interval_depth": config["intervals"]["depth"]}
 
 
 def predict_settings(config: Mapping) -> dict:
@@ -205,7 +206,7 @@ READS = {
     "grid_spots": (grid_settings, ("predict.spot_spacing_um", "predict.min_tissue_fraction")),
     "predict": (predict_settings, ("train.device", "predict.batch_size", "expression.target_sum",
                                    "predict.spot_diameter_um", "predict.map_genes", "predict.n_map_genes",
-                                   "intervals")),
+                                   "intervals.level", "intervals.calibration")),
 }
 
 

@@ -20,7 +20,7 @@ from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
 from m2ost.learn.training.calibration import validation_record
 from m2ost.learn.training.checkpoints import model_payload, save_checkpoint, write_log
-from m2ost.learn.inputs.dataset import load_samples
+from m2ost.learn.inputs.dataset import depths_of, load_samples
 from m2ost.learn.training.device import seed_everything
 from m2ost.learn.features.embeddings import read_embeddings
 from m2ost.learn.features.encoders import FEATURE_KEYS, encoder_settings, file_checksum, weights_path
@@ -86,7 +86,9 @@ def feature_data(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
     token_blocks = tuple(emb.encoder.get("token_blocks", ())) if tokens else ()
     sets = [FeatureSet(np.concatenate(xs[p]), np.concatenate(ys[p]).astype(np.float32),
                        np.concatenate(groups[p]), grid, blocks,
-                       np.concatenate(pools[p]) if tokens else None, token_blocks) for p in ("train", "val")]
+                       np.concatenate(pools[p]) if tokens else None, token_blocks,
+                       depths_of(data, [parts[d.sample][i] for d in data]))
+            for i, p in enumerate(("train", "val"))]
     return sets[0], sets[1], data, record, views
 
 
@@ -119,7 +121,7 @@ def fit_feature_model(kind: str, bundles: Mapping[str, str], expressions: Mappin
     payload.update(state=model.state(), encoder=record, grid=list(train.grid))
     if len(val):  # per-gene Pearson and interval calibration on the validation spots
         payload.update(validation_record(val.y, model.predict(val.x, tuple(val.grid), pooled=val.pooled),
-                                         val.group, genes, int(cfg["seed"])))
+                                         val.group, genes, int(cfg["seed"]), val.depth))
     out_dir = Path(out_dir)
     save_checkpoint(payload, out_dir / "model.pt")
     write_log(rows, out_dir / "log.csv")

@@ -38,6 +38,7 @@ class FeatureSet:
     blocks: tuple[int, ...] = ()    # sizes of the parts of the pooled features' last axis (Encoder.blocks)
     pooled: np.ndarray | None = None  # (n, V, D) pooled features beside tokens (token kinds)
     token_blocks: tuple[int, ...] = ()  # sizes of the parts of the tokens' channels (Encoder.token_blocks)
+    depth: tuple[np.ndarray, float] | None = None  # library sizes and target sum (dataset.depths_of)
 
     def __len__(self) -> int:
         return len(self.x)

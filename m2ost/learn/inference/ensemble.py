@@ -15,7 +15,6 @@ predicts new slides with no other file; predicting runs every kept member
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -29,7 +28,7 @@ from m2ost.data.panel import read_gene_list
 from m2ost.errors import InputError
 from m2ost.learn.training.calibration import validation_record
 from m2ost.learn.training.checkpoints import load_checkpoint, model_payload, save_checkpoint, write_log
-from m2ost.learn.inputs.dataset import load_samples
+from m2ost.learn.inputs.dataset import depths_of, load_samples
 from m2ost.learn.inference.heldout import predict_sample
 from m2ost.learn.features.probes import per_sample_pcc
 from m2ost.learn.inference.predictor import predictor_from_payload
@@ -90,16 +89,15 @@ def member_check(name: str, payload: Mapping, genes: Sequence[str], cfg: Mapping
 
 def validation_predictions(predictors: Sequence, data, parts: Mapping, embeddings: Mapping[str, str],
                            batch_size: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Each member's predictions of the validation spots, their targets and sample numbers."""
-    subsets = [dataclasses.replace(d, rows=d.rows[v], spot_ids=d.spot_ids[v], centers=d.centers[v],
-                                   padded=d.padded[v], targets=d.targets[v])
-               for d in data for v in [parts[d.sample][1]]]
+    """Each member's predictions of the validation spots, their targets, sample numbers and
+    depths (:func:`~m2ost.learn.inputs.dataset.depths_of`)."""
+    subsets = [d.subset(parts[d.sample][1]) for d in data]
     preds = [np.concatenate([predict_sample(p, s, batch_size, 0, False,
                                             embeddings.get(s.sample) if p.kind in FEATURE_KINDS else None)
                              for s in subsets]) for p in predictors]
     truth = np.concatenate([s.targets for s in subsets])
     group = np.concatenate([np.full(len(s), k) for k, s in enumerate(subsets)])
-    return preds, truth, group
+    return preds, truth, group, depths_of(subsets, [slice(None)] * len(subsets))
 
 
 def _load_members(member_files: Mapping[str, str], genes: Sequence[str], cfg: Mapping,
@@ -182,12 +180,12 @@ def fit_ensemble(member_files: Mapping[str, str], bundles: Mapping[str, str], ex
     if n_val < 2:
         raise InputError(f"an ensemble chooses its weights on validation spots; {n_val} drawn "
                          "(train.val_fraction > 0 needed)")
-    preds, truth, group = validation_predictions(predictors, data, parts, embeddings or {}, 64)
+    preds, truth, group, depth = validation_predictions(predictors, data, parts, embeddings or {}, 64)
     weights, rows = _weigh_members(names, preds, truth, group, step)
     kept = [(n, w) for n, w in zip(names, weights) if w > 0]
     payload = _ensemble_payload(kept, payloads, data[0].info, step, genes, cfg, train_samples)
     ensemble_pred = sum(w * p for w, p in zip(weights, preds) if w)
-    payload.update(validation_record(truth, ensemble_pred, group, genes, int(cfg["seed"])))
+    payload.update(validation_record(truth, ensemble_pred, group, genes, int(cfg["seed"]), depth))
     out_dir = Path(out_dir)
     save_checkpoint(payload, out_dir / "model.pt")
     write_log(rows, out_dir / "log.csv")

@@ -34,7 +34,8 @@ from m2ost.data.geojson import prediction_geojson
 from m2ost.data.spatial import recorded_unit, sample_spatial
 from m2ost.errors import InputError
 from m2ost.eval.figures import plot_sample
-from m2ost.eval.intervals import CALIBRATIONS, INTERVAL_METRICS, interval_scores, intervals, quantile_level
+from m2ost.eval.intervals import (CALIBRATIONS, DEPTHS, INTERVAL_METRICS, check_interval_settings, interval_scores,
+                                  intervals, quantile_level)
 from m2ost.eval.maps import Tissue
 from m2ost.eval.metrics import MIN_SPOTS, score
 from m2ost.eval.summary import SUMMARY_METRICS, jsonable
@@ -102,6 +103,7 @@ class _HeldOut:
     state: dict | None  # the model's calibration (None: no prediction intervals)
     level: float
     calibration: str
+    depth: str  # intervals.depth: measured or training
     out_dir: Path
     name: str
     split: str | None
@@ -116,7 +118,8 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
              split: str | None = None, device: str | None = None, batch_size: int | None = None,
              workers: int = 0, figures: bool = True, progress: bool = False,
              map_gene: str | None = None, embeddings: Mapping[str, str] | None = None,
-             interval_level: float | None = None, interval_calibration: str | None = None) -> dict:
+             interval_level: float | None = None, interval_calibration: str | None = None,
+             interval_depth: str | None = None) -> dict:
     """Predict every spot (with expression) of each held-out sample and score it; write the files
     listed in the module docstring in ``out_dir`` and return the content of ``summary.json``.
 
@@ -131,22 +134,22 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     ``figures``: also draw the figures and write the QuPath GeoJSON. ``map_gene``: a gene mapped
     besides the best and the median one (when in the panel). ``embeddings``: sample -> cached
     embeddings (feature kinds), read instead of encoding the views. ``interval_level``,
-    ``interval_calibration``: the prediction intervals (``intervals.level`` and
-    ``intervals.calibration`` by default); their coverage and width on the held-out spots are
-    scored for every calibration, the chosen one's go into the means, the h5ad layers, the
-    GeoJSON and the maps.
+    ``interval_calibration``, ``interval_depth``: the prediction intervals (``intervals.level``,
+    ``.calibration`` and ``.depth`` by default); their coverage and width on the held-out spots are
+    scored for every calibration and depth, the chosen one's go into the means, the h5ad layers,
+    the GeoJSON and the maps.
     """
     if not test_samples:
         raise InputError("no held-out samples to evaluate")
-    device, batch_size, level, calibration = _settings(device, batch_size, interval_level, interval_calibration)
+    device, batch_size, (level, calibration, depth) = _settings(device, batch_size, interval_level,
+                                                                interval_calibration, interval_depth)
+    check_interval_settings(level, calibration, depth)  # before any work
     predictor = load_model(model_file, device)
     state = calibration_of(predictor.meta, str(model_file))
-    if state is not None:
-        quantile_level(state, level, calibration)  # a bad level or calibration fails before any work
     # Every held-out sample is loaded and checked before anything is written: a bad one ends the
     # run with nothing in out_dir that could pass for a (partial) result.
     loaded = {s: _load_held_out(predictor, bundles, expressions, s) for s in test_samples}
-    run = _HeldOut(predictor=predictor, state=state, level=level, calibration=calibration,
+    run = _HeldOut(predictor=predictor, state=state, level=level, calibration=calibration, depth=depth,
                    out_dir=Path(out_dir), name=model_name or predictor.kind, split=split,
                    unit=recorded_unit(expressions[test_samples[0]]), figures=figures, map_gene=map_gene)
     per_sample, blocks, spatial = _score_samples(run, test_samples, loaded, bundles, expressions, embeddings,
@@ -158,13 +161,13 @@ def evaluate(model_file: str | os.PathLike, bundles: Mapping[str, str],
     return result
 
 
-def _settings(device, batch_size, interval_level, interval_calibration) -> tuple:
-    """(device, batch size, interval level, calibration): the workflow's where unset."""
+def _settings(device, batch_size, *interval) -> tuple:
+    """(device, batch size, (interval level, calibration, depth)): the workflow's where unset."""
     workflow = eval_settings({k: defaults.section(k) for k in ("train", "evaluate", "intervals")})
+    keys = ("interval_level", "interval_calibration", "interval_depth")
     return (workflow["device"] if device is None else device,
             workflow["batch_size"] if batch_size is None else batch_size,
-            workflow["interval_level"] if interval_level is None else float(interval_level),
-            workflow["interval_calibration"] if interval_calibration is None else interval_calibration)
+            tuple(workflow[k] if v is None else v for k, v in zip(keys, interval)))
 
 
 def _load_held_out(predictor: Predictor, bundles: Mapping[str, str], expressions: Mapping[str, str],
@@ -194,8 +197,9 @@ def _score_samples(run: _HeldOut, test_samples: Sequence[str], loaded: dict[str,
         data = loaded[s]
         pred = predict_sample(run.predictor, data, *inference, (embeddings or {}).get(s))
         per_gene, summary = score(data.targets, pred, run.predictor.genes, sample=s)
-        bounds, by_calibration = sample_intervals(run.state, data.targets, pred, run.level, run.calibration)
-        summary.update(by_calibration.get(run.calibration, dict.fromkeys(INTERVAL_METRICS, float("nan"))))
+        bounds, by_calibration = sample_intervals(run.state, data, pred, run.level, (run.calibration, run.depth))
+        summary.update(by_calibration.get(f"{run.calibration}/{run.depth}",
+                                          dict.fromkeys(INTERVAL_METRICS, float("nan"))))
         summary["intervals_by_calibration"] = by_calibration
         with atomic_path(run.out_dir / "per_gene" / f"{s}.tsv") as tmp:
             per_gene.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
@@ -237,38 +241,46 @@ def _result(run: _HeldOut, model_file, test_samples: Sequence[str], per_sample: 
             "n_genes": len(run.predictor.genes), "mean": means, "samples": per_sample,
             "model_file": str(model_file), "best_epoch": run.predictor.meta.get("best_epoch"),
             "primary_metric": "gene_pcc_mean",
-            "intervals": interval_summary(run.state, per_sample, run.level, run.calibration),
+            "intervals": interval_summary(run.state, per_sample, run.level, (run.calibration, run.depth)),
             "provenance": provenance({"model_fingerprint": run.predictor.meta.get("fingerprint"),
                                       "device": device, "batch_size": batch_size})}
 
 
-def sample_intervals(state: dict | None, truth: np.ndarray, pred: np.ndarray, level: float,
-                     calibration: str) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict]:
-    """The chosen calibration's (lower, upper) bounds, and every calibration's interval scores on
-    the sample's spots ({} and None for a model without calibration)."""
+def interval_variants() -> list[tuple[str, str]]:
+    """The (calibration, depth) pairs an evaluation scores."""
+    return [(c, d) for c in CALIBRATIONS for d in DEPTHS]
+
+
+def sample_intervals(state: dict | None, data: SampleData, pred: np.ndarray, level: float,
+                     chosen: tuple[str, str]) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict]:
+    """The chosen (calibration, depth)'s (lower, upper) bounds, and every variant's interval scores
+    on the sample's spots, keyed "calibration/depth" ({} and None for a model without calibration).
+    Depth ``measured`` is ``training`` for a sample without recorded library sizes or a model
+    that did not keep its calibration spots."""
     if state is None:
         return None, {}
     bounds, scores = None, {}
-    for c in CALIBRATIONS:
-        lower, upper = intervals(state, pred, level, c)
-        scores[c] = interval_scores(truth, lower, upper)
-        if c == calibration:
+    for c, d in interval_variants():
+        lower, upper = intervals(state, pred, level, c, data.depth if d == "measured" else None)
+        scores[f"{c}/{d}"] = interval_scores(data.targets, lower, upper)
+        if (c, d) == chosen:
             bounds = (lower, upper)
     return bounds, scores
 
 
-def interval_summary(state: dict | None, per_sample: dict, level: float, calibration: str) -> dict:
-    """summary.json's ``intervals``: the level, the calibration chosen, and per calibration the
-    quantile level used and the mean interval scores over the held-out samples."""
-    out = {"level": level, "calibration": calibration, "calibrated": state is not None}
+def interval_summary(state: dict | None, per_sample: dict, level: float, chosen: tuple[str, str]) -> dict:
+    """summary.json's ``intervals``: the level, the calibration and depth chosen, and per variant
+    the quantile level used (at the calibration spots' depths) and the mean interval scores over
+    the held-out samples."""
+    out = {"level": level, "calibration": chosen[0], "depth": chosen[1], "calibrated": state is not None}
     if state is None:
         return out
     out["n_calibration"] = int(state["n_calibration"])
     out["difficulty_penalty"] = float(state["head"]["penalty"])
     out["by_calibration"] = {
-        c: {"quantile_level": quantile_level(state, level, c),
-            **{k: float(np.mean([v["intervals_by_calibration"][c][k] for v in per_sample.values()]))
-               for k in INTERVAL_METRICS}} for c in CALIBRATIONS}
+        f"{c}/{d}": {"quantile_level": quantile_level(state, level, c),
+                     **{k: float(np.mean([v["intervals_by_calibration"][f"{c}/{d}"][k] for v in per_sample.values()]))
+                        for k in INTERVAL_METRICS}} for c, d in interval_variants()}
     return out
 
 
@@ -315,7 +327,7 @@ def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict, u
                           "test_samples": list(result["test_samples"]), "unit": unit,
                           "provenance_json": json.dumps(jsonable(result["provenance"]), sort_keys=True)}
     if record:
-        adata.uns["m2ost"]["intervals"] = {**record, "calibration": result["intervals"]["calibration"]}
+        adata.uns["m2ost"]["intervals"] = {**record, **{k: result["intervals"][k] for k in ("calibration", "depth")}}
     adata.uns["log1p"] = {"base": None}  # X and layers["measured"] are log1p-normalised, as in scanpy
     if spatial:
         adata.uns["spatial"] = spatial

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import h5py
 import numpy as np
@@ -37,9 +37,28 @@ class SampleData:
     padded: np.ndarray      # (n, n_selected_views) bool
     targets: np.ndarray | None  # (n, n_genes) float32
     info: dict              # bundle attributes: n_views, size_px, fov_um, mpp
+    # (n,) library sizes (total counts) and the normalisation's target sum, where the
+    # expression file records them (for prediction intervals at a measurement's depth)
+    depth: np.ndarray | None = None
+    target_sum: float | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def subset(self, pos: np.ndarray) -> SampleData:
+        """These spots at positions ``pos`` (every per-spot field sliced alike)."""
+        return replace(self, rows=self.rows[pos], spot_ids=self.spot_ids[pos], centers=self.centers[pos],
+                       padded=self.padded[pos], targets=None if self.targets is None else self.targets[pos],
+                       depth=None if self.depth is None else self.depth[pos])
+
+
+def depths_of(data: Sequence[SampleData], positions: Sequence[np.ndarray]) -> tuple[np.ndarray, float] | None:
+    """(library sizes, target sum) of the spots at ``positions[k]`` of each ``data[k]``, in that
+    order; None unless every sample records them with one target sum."""
+    sums = {d.target_sum for d in data}
+    if any(d.depth is None for d in data) or len(sums) != 1:
+        return None
+    return np.concatenate([d.depth[p] for d, p in zip(data, positions)]), float(sums.pop())
 
 
 def _decode(values) -> np.ndarray:
@@ -166,15 +185,15 @@ def load_sample(bundle: str | os.PathLike, expression: str | os.PathLike | None 
     views = check_views(views, info, bundle, sample)
     name = sample or info["sample"]
     barcodes, centers, padded = _spot_table(bundle, info["n_views"])
-    rows, targets = _rows_and_targets(expression, genes, barcodes, sample)
-    spots = (rows, barcodes[rows], centers[rows], padded[rows][:, views], targets)
+    rows, targets, depth, target_sum = _rows_and_targets(expression, genes, barcodes, sample)
+    data = SampleData(sample=name, bundle=str(bundle), rows=rows, spot_ids=barcodes[rows], centers=centers[rows],
+                      padded=padded[rows][:, views], targets=targets, info=info, depth=depth,
+                      target_sum=target_sum)
     if drop_padded:
-        spots = _drop_padded(*spots, name, views)
-    rows, spot_ids, centers, padded, targets = spots
+        data = _drop_padded(data, views)
     if verify:
-        verify_rows(bundle, rows, name)
-    return SampleData(sample=name, bundle=str(bundle), rows=rows, spot_ids=spot_ids, centers=centers,
-                      padded=padded, targets=targets, info=info)
+        verify_rows(bundle, data.rows, name)
+    return data
 
 
 def _spot_table(bundle: str | os.PathLike, n_views: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,20 +212,19 @@ def _rows_and_targets(expression, genes, barcodes: np.ndarray, sample: str | Non
     """The bundle rows with expression and their targets on ``genes``; every row and no targets
     without an expression file."""
     if expression is None:
-        return np.arange(len(barcodes), dtype=np.int64), None
+        return np.arange(len(barcodes), dtype=np.int64), None, None, None
     if genes is None:
         raise InputError("a gene panel is needed to read targets", file=expression, sample=sample)
     return _read_targets(expression, genes, barcodes, sample)
 
 
-def _drop_padded(rows, spot_ids, centers, padded, targets, sample: str, views):
+def _drop_padded(data: SampleData, views) -> SampleData:
     """The spots whose selected views all lie inside the slide (``drop_padded``)."""
-    keep = ~padded.any(axis=1)
+    keep = ~data.padded.any(axis=1)
     if not keep.all():
         log.warning("sample %s: dropped %d of %d spots whose views %s reach outside the "
-                    "slide (drop_padded)", sample, int((~keep).sum()), len(keep), views)
-    return (rows[keep], spot_ids[keep], centers[keep], padded[keep],
-            None if targets is None else targets[keep])
+                    "slide (drop_padded)", data.sample, int((~keep).sum()), len(keep), views)
+    return data.subset(np.flatnonzero(keep))
 
 
 def _read_targets(expression, genes, barcodes, sample) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +253,16 @@ def _read_targets(expression, genes, barcodes, sample) -> tuple[np.ndarray, np.n
     if not np.isfinite(x).all():
         raise InputError("expression holds NaN or infinite values on the panel genes",
                          file=expression, sample=sample)
-    return rows, x
+    return (rows, x, *_recorded_depth(adata))
+
+
+def _recorded_depth(adata) -> tuple[np.ndarray | None, float | None]:
+    """(library sizes, target sum) as the expression stage records them; (None, None) without."""
+    record = adata.uns.get("m2ost")
+    target_sum = record.get("target_sum") if isinstance(record, dict) else None
+    if "total_counts" not in adata.obs.columns or target_sum is None:
+        return None, None
+    return np.asarray(adata.obs["total_counts"], np.float64), float(target_sum)
 
 
 def load_samples(bundles: Mapping[str, str], expressions: Mapping[str, str],

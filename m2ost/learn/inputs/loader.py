@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from m2ost.errors import InputError
 from m2ost.learn.inputs.augment import AUG_LENGTH, NO_AUGMENTATION, augment_settings, is_active
-from m2ost.learn.inputs.dataset import SampleData, check_views
+from m2ost.learn.inputs.dataset import SampleData, check_views, depths_of
 
 
 class SpotDataset(Dataset):
@@ -90,6 +90,11 @@ class SpotDataset(Dataset):
         """(n, n_genes) targets of all items, in item order."""
         return np.stack([self.data[k].targets[p] for k, p in self.index]) if len(self) else \
             np.zeros((0, self.n_genes), np.float32)
+
+    def depths(self) -> tuple[np.ndarray, float] | None:
+        """(library sizes, target sum) of all items, in item order, where recorded
+        (:func:`~m2ost.learn.inputs.dataset.depths_of`)."""
+        return depths_of([self.data[k] for k in self.index[:, 0]], [[p] for p in self.index[:, 1]])
 
     def spots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sample names, spot ids, spot centres) of all items, in item order."""

@@ -37,12 +37,14 @@ def _from_stored(obj):
 
 
 def validation_record(truth: np.ndarray, pred: np.ndarray, group: np.ndarray, genes: Sequence[str],
-                      seed: int) -> dict:
+                      seed: int, depth: tuple[np.ndarray, float] | None = None) -> dict:
     """``{"val_gene_pcc_per_gene": ..., "intervals": ...}`` for ``model.pt`` from the validation
-    spots' targets, predictions and training-sample numbers (no intervals with < 2 spots)."""
+    spots' targets, predictions and training-sample numbers (no intervals with < 2 spots);
+    ``depth``: their library sizes and the normalisation's target sum, where known
+    (:func:`m2ost.learn.inputs.dataset.depths_of`), for intervals at other depths."""
     truth, pred = np.asarray(truth, np.float32), np.asarray(pred, np.float32)
     record = {"val_gene_pcc_per_gene": gene_pcc_by_group(truth, pred, group, genes)}
-    state = fit_calibration(pred, truth, np.asarray(group), int(seed))
+    state = fit_calibration(pred, truth, np.asarray(group), int(seed), *(depth or (None, None)))
     if state is not None:
         record["intervals"] = _to_stored(state)
         log.info("intervals calibrated on %d validation spots (difficulty head fitted on %d, penalty %g)",
@@ -62,6 +64,7 @@ def calibration_of(meta: Mapping, where: str = "model") -> dict | None:
 
 def prediction_intervals(meta: Mapping, pred: np.ndarray, level: float, calibration: str,
                          where: str = "model") -> tuple[np.ndarray, np.ndarray] | None:
-    """(lower, upper) of ``pred`` from the model's stored calibration, or None without one."""
+    """(lower, upper) of ``pred`` from the model's stored calibration, or None without one (the
+    depth unknown: a measurement as deep as the calibration spots)."""
     state = calibration_of(meta, where)
     return None if state is None else intervals(state, pred, float(level), str(calibration))

@@ -75,7 +75,7 @@ def fit_baseline(kind: str, bundles: Mapping[str, str], expressions: Mapping[str
     payload["state"] = predictor.state()
     if len(val_ds):  # per-gene Pearson and interval calibration on the validation spots
         payload.update(validation_record(val_ds.targets(), predictor.predict(val_ds), val_ds.index[:, 0],
-                                         genes, int(cfg["seed"])))
+                                         genes, int(cfg["seed"]), val_ds.depths()))
     out_dir = Path(out_dir)
     save_checkpoint(payload, out_dir / "model.pt")
     write_log(rows, out_dir / "log.csv")

@@ -368,7 +368,8 @@ def _per_gene_validation(run: _Run, weights: dict) -> dict:
     run.model.load_state_dict(weights)
     eval_batch = int(run.cfg["eval_batch_size"]) or 2 * int(run.cfg["batch_size"])
     pred = predict_network(run.model, run.val_ds, run.ranks.device, eval_batch, int(run.cfg["workers"]))
-    return validation_record(run.val_ds.targets(), pred, run.val_ds.index[:, 0], run.genes, int(run.cfg["seed"]))
+    return validation_record(run.val_ds.targets(), pred, run.val_ds.index[:, 0], run.genes, int(run.cfg["seed"]),
+                             run.val_ds.depths())
 
 
 def _finish(run: _Run) -> dict:
