@@ -296,3 +296,35 @@ def test_a_shallower_section_is_covered_once_the_calibration_is_thinned_to_its_d
     # the same bounds from the same state: thinning is seeded
     again = intervals(state, test_pred, LEVEL, "spots", test_lib)
     np.testing.assert_array_equal(again[0], intervals(state, test_pred, LEVEL, "spots", test_lib)[0])
+
+
+@pytest.mark.slow
+def test_every_kind_keeps_its_calibration_spots_with_their_own_depths(tmp_path_factory):
+    """In the workflow (every model kind of the fast config), each stored calibration spot's
+    measured values and library size are those of one spot of a training section: the depths
+    reach the calibration aligned with the targets, whatever path a kind takes."""
+    import yaml
+    from workflow_helpers import FAST_CONFIG, local_run
+
+    run = local_run(tmp_path_factory)
+    config = yaml.safe_load((run.workdir / FAST_CONFIG).read_text())
+    checked = set()
+    for model_file in sorted(run.workdir.glob("results/models/*/*/model.pt")):
+        kind, split = model_file.parent.parent.name, model_file.parent.name
+        payload = torch.load(model_file, map_location="cpu", weights_only=True)
+        spots = payload["intervals"]["spots"]
+        genes = list(payload["genes"])
+        known = {}
+        for sample in config["splits"]["explicit"][split]["train"]:
+            adata = anndata.read_h5ad(run.workdir / f"results/expression/{sample}.h5ad")
+            x = adata[:, genes].X
+            x = x.toarray() if hasattr(x, "toarray") else x
+            known.update({(round(float(d)), tuple(np.round(row, 4))): sample
+                          for d, row in zip(adata.obs["total_counts"], x)})
+        pairs = zip(spots["depth"].numpy(), spots["truth"].numpy())
+        missing = [d for d, row in pairs if (round(float(d)), tuple(np.round(row, 4))) not in known]
+        assert not missing and len(spots["depth"]) == payload["intervals"]["n_calibration"], (kind, split)
+        checked.add(kind)
+    assert checked == set(config["models"]), checked
+    summary = json.loads(next(run.workdir.glob("results/metrics/*/*/summary.json")).read_text())
+    assert summary["intervals"]["depth"] == "measured"

@@ -19,12 +19,13 @@ leave-one-section-out *within the validation spots* reaches the level on average
 
 Sequencing depth: a section sequenced less deeply than the training sections measures each
 gene with more sampling noise (more zeros, coarser values), which the H&E cannot show. Where the
-calibration spots' library sizes are known (``depth``, with the expression's ``target_sum``),
-their measured values are stored too, and an interval for a spot whose own library size is
-known (``intervals.depth: measured``, at evaluation) is calibrated on the calibration spots'
-counts binomially thinned to that depth (:func:`thinned_truth`): what those spots would have
-measured at the held-out spot's depth. Spots at least as deep as the calibration spots keep the
-plain calibration.
+validation spots' library sizes are known (``depth``, with the expression's ``target_sum``),
+their predictions and measured values are stored too (``spots``), and the interval of a spot
+whose own library size is known (``intervals.depth: measured``, at evaluation) comes from the
+whole calibration above, head and scores, redone on the validation spots' counts binomially
+thinned to that depth (:func:`thinned_truth`, :func:`at_depth`): what those spots would have
+measured at the spot's depth. Depths go in steps of a quarter octave, rounded down; spots at
+least as deep as every validation spot keep the plain calibration.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 
 from m2ost.errors import InputError
 
-FORMAT = 2  # 2: the calibration spots' predictions, measurements and depths are stored
+FORMAT = 2  # 2: the validation spots' predictions, measurements and depths are stored
 # Penalties tried for the difficulty head, relative to the number of fitting spots; inf = constant.
 HEAD_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0, math.inf)
 # The head's σ̂ never falls below this fraction of the gene's mean absolute residual.
@@ -44,7 +45,7 @@ MIN_CALIBRATION = 10  # fewer validation spots: plain conformal on all of them, 
 CALIBRATIONS = ("spots", "sections")
 # measured: thin the calibration to each spot's own library size where known; training: never.
 DEPTHS = ("measured", "training")
-DEPTH_STEP = 0.5  # octaves between the depths the calibration is thinned to
+DEPTH_STEP = 0.25  # octaves between the depths the calibration is thinned to
 LEVEL_STEP = 0.0025
 # What an evaluation reports of the intervals on held-out spots (interval_scores).
 INTERVAL_METRICS = ("interval_coverage", "interval_coverage_gene_p10", "interval_width")
@@ -108,17 +109,8 @@ def difficulty(head: dict, pred: np.ndarray) -> np.ndarray:
     return np.maximum(sigma, head["floor"]).astype(np.float32)
 
 
-def fit_calibration(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int,
-                    depth: np.ndarray | None = None, target_sum: float | None = None) -> dict | None:
-    """The calibration state of a model from its validation predictions (see the module docstring).
-
-    ``group``: each spot's training section (any integer labels). ``depth``: each spot's library
-    size (total counts) and ``target_sum`` the normalisation's, both or neither: with them, the
-    calibration spots are kept for intervals at another depth. None when there are fewer than
-    two validation spots."""
-    pred, truth, group = np.asarray(pred, np.float64), np.asarray(truth, np.float64), np.asarray(group)
-    if len(pred) < 2:
-        return None
+def _calibrate(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int) -> dict:
+    """Head on one half of each section's spots, normalised scores on the other (module docstring)."""
     resid = np.abs(truth - pred)
     if len(pred) >= 2 * MIN_CALIBRATION:
         fit, cal = _halves(group, seed)
@@ -129,17 +121,32 @@ def fit_calibration(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed
         head.update(w=np.zeros_like(head["w"]), b=np.ones_like(head["b"]), floor=np.ones_like(head["floor"]),
                     penalty=math.inf)
     scores = resid[cal] / difficulty(head, pred[cal])
-    state = {"format": FORMAT, "head": head, "scores": scores.astype(np.float32),
-             "groups": np.unique(group[cal], return_inverse=True)[1].astype(np.int64),
-             "n_fit": int(len(pred) - len(cal)), "n_calibration": int(len(cal)), "seed": int(seed)}
+    return {"format": FORMAT, "head": head, "scores": scores.astype(np.float32),
+            "groups": np.unique(group[cal], return_inverse=True)[1].astype(np.int64),
+            "n_fit": int(len(pred) - len(cal)), "n_calibration": int(len(cal)), "seed": int(seed)}
+
+
+def fit_calibration(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int,
+                    depth: np.ndarray | None = None, target_sum: float | None = None) -> dict | None:
+    """The calibration state of a model from its validation predictions (see the module docstring).
+
+    ``group``: each spot's training section (any integer labels). ``depth``: each spot's library
+    size (total counts) and ``target_sum`` the normalisation's, both or neither: with them, the
+    validation spots are kept (``spots``) to calibrate intervals at other depths. None when there
+    are fewer than two validation spots."""
+    pred, truth, group = np.asarray(pred, np.float64), np.asarray(truth, np.float64), np.asarray(group)
+    if len(pred) < 2:
+        return None
+    state = _calibrate(pred, truth, group, int(seed))
     if depth is not None and target_sum is not None:
-        state["spots"] = {"pred": pred[cal].astype(np.float32), "truth": truth[cal].astype(np.float32),
-                          "depth": np.asarray(depth, np.float64)[cal], "target_sum": float(target_sum)}
+        state["spots"] = {"pred": pred.astype(np.float32), "truth": truth.astype(np.float32),
+                          "group": group.astype(np.int64), "depth": np.asarray(depth, np.float64),
+                          "target_sum": float(target_sum)}
     return state
 
 
 def thinned_truth(spots: dict, depth: float, rng: np.random.Generator) -> np.ndarray:
-    """The calibration spots' measured values had they been sequenced to ``depth`` counts: their
+    """The validation spots' measured values had they been sequenced to ``depth`` counts: their
     counts (recovered from log1p(counts / library size * target_sum)) binomially thinned by
     depth / library size; spots no deeper than ``depth`` are kept as measured."""
     lib, target = np.asarray(spots["depth"], np.float64), float(spots["target_sum"])
@@ -147,6 +154,18 @@ def thinned_truth(spots: dict, depth: float, rng: np.random.Generator) -> np.nda
     counts = np.rint(np.expm1(np.asarray(spots["truth"], np.float64)) * (lib / target)[:, None])
     thinned = rng.binomial(np.maximum(counts, 0).astype(np.int64), keep[:, None])
     return np.log1p(thinned * (target / (keep * lib))[:, None])
+
+
+def at_depth(state: dict, depth_bin: int) -> dict:
+    """The calibration refitted, head and scores, on the validation spots thinned to the depth of
+    ``depth_bin`` (:func:`depth_bins`); the state itself where no validation spot is deeper."""
+    spots = state.get("spots")
+    depth = 2.0 ** (depth_bin * DEPTH_STEP)
+    if spots is None or depth >= np.max(spots["depth"]):
+        return state
+    rng = np.random.default_rng([int(state["seed"]), int(depth_bin)])
+    truth = thinned_truth(spots, depth, rng)
+    return _calibrate(np.asarray(spots["pred"], np.float64), truth, np.asarray(spots["group"]), int(state["seed"]))
 
 
 def depth_bins(depth: np.ndarray) -> np.ndarray:
@@ -205,24 +224,19 @@ def quantiles(state: dict, level: float, calibration: str, scores: np.ndarray | 
     return conformal_quantile(scores, quantile_level(state, level, calibration, scores))
 
 
-def depth_quantiles(state: dict, level: float, calibration: str, depth: np.ndarray | None) -> np.ndarray:
-    """q_g per spot (n, G) for spots of library sizes ``depth``, or (1, G) for the calibration
-    spots' own depths (``depth`` None, or a state without its calibration spots)."""
-    plain = quantiles(state, level, calibration)[None, :]
-    spots = state.get("spots")
-    if depth is None or spots is None:
-        return plain
+def half_widths(state: dict, pred: np.ndarray, level: float, calibration: str,
+                depth: np.ndarray | None = None) -> np.ndarray:
+    """q_g σ̂(x) per spot and gene (n, G): calibrated at each spot's depth (library size) where
+    given and the state holds its validation spots, else at the validation spots' own depths."""
+    pred = np.asarray(pred, np.float64)
+    if depth is None or state.get("spots") is None:
+        return quantiles(state, level, calibration)[None, :] * difficulty(state["head"], pred)
     bins = depth_bins(depth)
-    sigma = difficulty(state["head"], spots["pred"])
-    out = np.empty((len(bins), plain.shape[1]))
+    out = np.empty(pred.shape)
     for b in np.unique(bins):
-        grid = 2.0 ** (b * DEPTH_STEP)
-        if grid >= np.max(spots["depth"]):  # no calibration spot is deeper: nothing to thin
-            out[bins == b] = plain
-            continue
-        rng = np.random.default_rng([int(state["seed"]), int(b)])
-        scores = np.abs(thinned_truth(spots, grid, rng) - spots["pred"]) / sigma
-        out[bins == b] = quantiles(state, level, calibration, scores)
+        here = at_depth(state, int(b))
+        sel = bins == b
+        out[sel] = quantiles(here, level, calibration)[None, :] * difficulty(here["head"], pred[sel])
     return out
 
 
@@ -231,7 +245,7 @@ def intervals(state: dict, pred: np.ndarray, level: float, calibration: str,
     """(lower, upper) bounds (n, G) float32 of the predictions ``pred`` at ``level``; ``depth``:
     the spots' library sizes, for intervals of measurements at that depth (see the module
     docstring). An interval reaching below 0, the least a log1p expression measures, starts at 0."""
-    half = depth_quantiles(state, level, calibration, depth) * difficulty(state["head"], pred)
+    half = half_widths(state, pred, level, calibration, depth)
     pred = np.asarray(pred, np.float64)
     lower, upper = pred - half, pred + half
     lower = np.where(upper >= 0, np.maximum(lower, 0.0), lower)
