@@ -236,6 +236,10 @@ def test_real_her2st_patient_b_is_covered_at_its_own_depth(her2st_pair, tmp_path
     assert abs(cov["C4", "measured"] - cov["C4", "training"]) < 0.05, cov  # as deep as C3: little changes
     assert result["intervals"]["depth"] == "measured"
     assert result["samples"]["B4"]["interval_coverage"] == cov["B4", "measured"]
+    adata = anndata.read_h5ad(tmp_path / "ev" / "predictions.h5ad")
+    assert adata.uns["m2ost"]["intervals"]["depth"] == "measured"
+    b4 = adata[adata.obs["sample"] == "B4"]
+    assert np.median(b4.obs["total_counts"]) < 0.2 * np.median(adata[adata.obs["sample"] == "C4"].obs["total_counts"])
 
 
 def test_the_level_and_calibration_reach_the_rules_and_the_intervals(ridge_model, tmp_path):
@@ -300,7 +304,7 @@ def test_a_shallower_section_is_covered_once_the_calibration_is_thinned_to_its_d
 
 @pytest.mark.slow
 def test_every_kind_keeps_its_calibration_spots_with_their_own_depths(tmp_path_factory):
-    """In the workflow (every model kind of the fast config), each stored calibration spot's
+    """In the workflow (every model kind of the fast config), each stored validation spot's
     measured values and library size are those of one spot of a training section: the depths
     reach the calibration aligned with the targets, whatever path a kind takes."""
     import yaml
@@ -323,7 +327,8 @@ def test_every_kind_keeps_its_calibration_spots_with_their_own_depths(tmp_path_f
                           for d, row in zip(adata.obs["total_counts"], x)})
         pairs = zip(spots["depth"].numpy(), spots["truth"].numpy())
         missing = [d for d, row in pairs if (round(float(d)), tuple(np.round(row, 4))) not in known]
-        assert not missing and len(spots["depth"]) == payload["intervals"]["n_calibration"], (kind, split)
+        n = payload["intervals"]["n_fit"] + payload["intervals"]["n_calibration"]
+        assert not missing and len(spots["depth"]) == n, (kind, split, len(missing))
         checked.add(kind)
     assert checked == set(config["models"]), checked
     summary = json.loads(next(run.workdir.glob("results/metrics/*/*/summary.json")).read_text())

@@ -310,6 +310,8 @@ def _write_predictions(blocks, predictor: Predictor, path: Path, result: dict, u
         "bundle_row": np.concatenate([d.rows for d, *_ in blocks]),
         "padded": np.concatenate([d.padded.any(axis=1) for d, *_ in blocks]),
     })
+    if all(d.depth is not None for d, *_ in blocks):  # the depth the intervals are for (intervals.depth)
+        obs["total_counts"] = np.concatenate([d.depth for d, *_ in blocks])
     obs.index = (obs["sample"] + ":" + obs["spot"]).to_numpy()
     obs["sample"] = obs["sample"].astype("category")
     var = gene_table(predictor, unit)
