@@ -75,18 +75,26 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0), np.where(sd > 1e-8, sd, 1.0)
 
 
-def fit_head(pred: np.ndarray, abs_resid: np.ndarray) -> dict:
-    """Multi-output ridge from the predictions (:func:`_features`) to |residual|; the penalty
-    (including infinite: a constant, plain conformal) by leave-one-out error on these spots."""
+def head_design(pred: np.ndarray) -> dict:
+    """The head's standardisation and the SVD of its inputs on these spots: they depend on the
+    predictions only, so calibrations of other measurements of the same spots share them."""
     x = np.asarray(pred, np.float64)
-    a = np.asarray(abs_resid, np.float64)
     head = dict(zip(("mu", "sd"), _standardise(x)))
     head.update(zip(("mu2", "sd2"), _standardise(((x - head["mu"]) / head["sd"]) ** 2)))
-    z = _features(head, x)
+    u, s, vt = np.linalg.svd(_features(head, x), full_matrices=False)
+    return {"head": head, "u": u, "s": s, "vt": vt}
+
+
+def fit_head(pred: np.ndarray, abs_resid: np.ndarray, design: dict | None = None) -> dict:
+    """Multi-output ridge from the predictions (:func:`_features`) to |residual|; the penalty
+    (including infinite: a constant, plain conformal) by leave-one-out error on these spots.
+    ``design``: :func:`head_design` of ``pred``, if already computed."""
+    design = head_design(pred) if design is None else design
+    u, s, vt = design["u"], design["s"], design["vt"]
+    a = np.asarray(abs_resid, np.float64)
     b = a.mean(0)
     ac = a - b
-    n = len(z)
-    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    n = len(u)
     uta = u.T @ ac
     errors = {}
     for lam in HEAD_PENALTIES:
@@ -96,8 +104,8 @@ def fit_head(pred: np.ndarray, abs_resid: np.ndarray) -> dict:
         loo = (ac - fitted) / np.maximum(1.0 - hat, 1e-6)[:, None]
         errors[lam] = float((loo**2).mean())
     lam = min(errors, key=errors.get)
-    w = np.zeros((z.shape[1], x.shape[1])) if math.isinf(lam) else vt.T @ ((s / (s**2 + lam * n))[:, None] * uta)
-    head = {k: v.astype(np.float32) for k, v in head.items()}
+    w = np.zeros((vt.shape[1], a.shape[1])) if math.isinf(lam) else vt.T @ ((s / (s**2 + lam * n))[:, None] * uta)
+    head = {k: v.astype(np.float32) for k, v in design["head"].items()}
     return {**head, "w": w.astype(np.float32), "b": b.astype(np.float32),
             "floor": (SIGMA_FLOOR * np.maximum(b, 1e-6)).astype(np.float32),
             "penalty": float(lam), "loo_mse": [[k, v] for k, v in errors.items()]}
@@ -109,21 +117,24 @@ def difficulty(head: dict, pred: np.ndarray) -> np.ndarray:
     return np.maximum(sigma, head["floor"]).astype(np.float32)
 
 
-def _calibrate(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int) -> dict:
-    """Head on one half of each section's spots, normalised scores on the other (module docstring)."""
+def _calibrate(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int,
+               cache: dict | None = None) -> dict:
+    """Head on one half of each section's spots, normalised scores on the other (module
+    docstring); ``cache`` keeps the head's design (:func:`head_design`) for the same spots."""
     resid = np.abs(truth - pred)
-    if len(pred) >= 2 * MIN_CALIBRATION:
-        fit, cal = _halves(group, seed)
-        head = fit_head(pred[fit], resid[fit])
-    else:  # too few to split: plain (unnormalised) conformal on every spot
-        cal = np.arange(len(pred))
-        head = fit_head(pred, resid)
+    split = len(pred) >= 2 * MIN_CALIBRATION
+    fit, cal = _halves(group, seed) if split else (np.arange(len(pred)),) * 2
+    cache = {} if cache is None else cache
+    if "design" not in cache:
+        cache["design"] = head_design(pred[fit])
+    head = fit_head(pred[fit], resid[fit], cache["design"])
+    if not split:  # too few to split: plain (unnormalised) conformal on every spot
         head.update(w=np.zeros_like(head["w"]), b=np.ones_like(head["b"]), floor=np.ones_like(head["floor"]),
                     penalty=math.inf)
     scores = resid[cal] / difficulty(head, pred[cal])
     return {"format": FORMAT, "head": head, "scores": scores.astype(np.float32),
             "groups": np.unique(group[cal], return_inverse=True)[1].astype(np.int64),
-            "n_fit": int(len(pred) - len(cal)), "n_calibration": int(len(cal)), "seed": int(seed)}
+            "n_fit": int(len(pred) - len(cal)) if split else 0, "n_calibration": int(len(cal)), "seed": int(seed)}
 
 
 def fit_calibration(pred: np.ndarray, truth: np.ndarray, group: np.ndarray, seed: int,
@@ -158,14 +169,20 @@ def thinned_truth(spots: dict, depth: float, rng: np.random.Generator) -> np.nda
 
 def at_depth(state: dict, depth_bin: int) -> dict:
     """The calibration refitted, head and scores, on the validation spots thinned to the depth of
-    ``depth_bin`` (:func:`depth_bins`); the state itself where no validation spot is deeper."""
+    ``depth_bin`` (:func:`depth_bins`); the state itself where no validation spot is deeper.
+    Kept in ``state["_cache"]`` for the state's later calls (an evaluation asks for the same
+    depths for every calibration and held-out sample)."""
     spots = state.get("spots")
     depth = 2.0 ** (depth_bin * DEPTH_STEP)
     if spots is None or depth >= np.max(spots["depth"]):
         return state
-    rng = np.random.default_rng([int(state["seed"]), int(depth_bin)])
-    truth = thinned_truth(spots, depth, rng)
-    return _calibrate(np.asarray(spots["pred"], np.float64), truth, np.asarray(spots["group"]), int(state["seed"]))
+    cache = state.setdefault("_cache", {})
+    if depth_bin not in cache:
+        rng = np.random.default_rng([int(state["seed"]), int(depth_bin)])
+        truth = thinned_truth(spots, depth, rng)
+        cache[depth_bin] = _calibrate(np.asarray(spots["pred"], np.float64), truth, np.asarray(spots["group"]),
+                                      int(state["seed"]), cache)
+    return cache[depth_bin]
 
 
 def depth_bins(depth: np.ndarray) -> np.ndarray:
@@ -173,14 +190,18 @@ def depth_bins(depth: np.ndarray) -> np.ndarray:
     return np.floor(np.log2(np.maximum(np.asarray(depth, np.float64), 1.0)) / DEPTH_STEP).astype(np.int64)
 
 
-def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
-    """Per column, the ceil((n + 1) level)-th smallest score (inf where that exceeds n)."""
-    scores = np.sort(np.asarray(scores, np.float64), axis=0)
-    n = len(scores)
+def _kth(ordered: np.ndarray, level: float) -> np.ndarray:
+    """The conformal quantile of scores already sorted along axis 0."""
+    n = len(ordered)
     k = math.ceil((n + 1) * level - 1e-9)
     if k > n or n == 0:
-        return np.full(scores.shape[1:], np.inf)
-    return scores[max(k, 1) - 1]
+        return np.full(ordered.shape[1:], np.inf)
+    return ordered[max(k, 1) - 1]
+
+
+def conformal_quantile(scores: np.ndarray, level: float) -> np.ndarray:
+    """Per column, the ceil((n + 1) level)-th smallest score (inf where that exceeds n)."""
+    return _kth(np.sort(np.asarray(scores, np.float64), axis=0), level)
 
 
 def section_quantile_level(scores: np.ndarray, groups: np.ndarray, level: float) -> float:
@@ -190,10 +211,10 @@ def section_quantile_level(scores: np.ndarray, groups: np.ndarray, level: float)
     sections = np.unique(groups)
     if len(sections) < 2:
         return float(level)
+    scores = np.asarray(scores, np.float64)
+    split = [(np.sort(scores[groups != s], axis=0), scores[groups == s]) for s in sections]
     for q in np.arange(level, 1.0, LEVEL_STEP):
-        covered = [(scores[groups == s] <= conformal_quantile(scores[groups != s], q)).mean()
-                   for s in sections]
-        if np.mean(covered) >= level:
+        if np.mean([(own <= _kth(others, q)).mean() for others, own in split]) >= level:
             return float(q)
     return 1.0
 
@@ -233,10 +254,14 @@ def half_widths(state: dict, pred: np.ndarray, level: float, calibration: str,
         return quantiles(state, level, calibration)[None, :] * difficulty(state["head"], pred)
     bins = depth_bins(depth)
     out = np.empty(pred.shape)
+    cache = state.setdefault("_cache", {})
     for b in np.unique(bins):
         here = at_depth(state, int(b))
+        key = ("quantiles", int(b), float(level), calibration)
+        if key not in cache:
+            cache[key] = quantiles(here, level, calibration)
         sel = bins == b
-        out[sel] = quantiles(here, level, calibration)[None, :] * difficulty(here["head"], pred[sel])
+        out[sel] = cache[key][None, :] * difficulty(here["head"], pred[sel])
     return out
 
 
