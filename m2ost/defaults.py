@@ -4,7 +4,8 @@
 key of the workflow's configuration and gives its default; the Snakefile validates against that
 same file and Snakemake fills a config from it (``validate(..., set_default=True)``), and the
 package's own fallbacks (a library call or a subcommand without settings) come from here, so both
-always agree. ``$M2OST_CONFIG_SCHEMA`` points elsewhere (tests of a broken schema).
+always agree; both check values with the ``jsonschema`` library. ``$M2OST_CONFIG_SCHEMA`` points
+elsewhere (tests of a broken schema).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import copy
 import functools
 import numbers
-import operator
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
+from jsonschema import validators
+from jsonschema.exceptions import relevance
 
 from m2ost.errors import InputError
 
@@ -96,11 +97,10 @@ def _schema(path: Path) -> dict:
 def settings(name: str, given: Mapping | None, where: object = None) -> dict:
     """``given`` over the defaults of config section ``name``, checked against the schema.
 
-    The one merge of the package: nested objects (``train.augment``) are merged key by key;
-    a key the schema does not know, a value of the wrong type, out of its range (``minimum``,
-    ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum``), not in its ``enum`` or with the
-    wrong number of items is one :class:`InputError` line naming ``section.key`` (and ``where``,
-    a file or a label, when given).
+    The one merge of the package: nested objects (``train.augment``) are merged key by key; the
+    result is validated with jsonschema, and a key the schema does not know, a value of the wrong
+    type, out of its range, not in its ``enum`` or with the wrong number of items is one
+    :class:`InputError` line naming ``section.key`` (and ``where``, a file or a label, when given).
     """
     schema = section_schema(name)
     value = _merge(section(name), copy.deepcopy(dict(given or {})), schema)
@@ -119,86 +119,60 @@ def _merge(base, given, schema: dict):
     return out
 
 
-_TYPES = {"object": dict, "array": (list, tuple), "string": str, "boolean": bool,
-          "integer": numbers.Integral, "number": numbers.Real, "null": type(None)}
-
-
-def _is(value, kind: str) -> bool:
-    if kind in ("integer", "number") and isinstance(value, bool):
-        return False
-    if kind == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, _TYPES[kind])
+@functools.lru_cache(maxsize=4)
+def _validator(path: Path):
+    """The JSON Schema validator of the draft the schema declares (``$schema``; jsonschema, as
+    Snakemake's ``validate``), taking a tuple as an array and a numpy integer as an integer."""
+    base = validators.validator_for(_schema(path))
+    types = base.TYPE_CHECKER
+    return validators.extend(base, type_checker=types.redefine_many({
+        "array": lambda _, value: isinstance(value, (list, tuple)),
+        "integer": lambda _, value: types.is_type(value, "integer") or (
+            isinstance(value, numbers.Integral) and not isinstance(value, bool))}))
 
 
 def check(schema: dict, value, path: str, where: object = None) -> None:
-    """Check ``value`` against ``schema`` (the subset of JSON Schema the config schema uses)."""
-    def fail(problem: str):
-        raise InputError(f"setting {path} {problem}", file=where)
-
-    _check_alternatives(schema, value, path, where, fail)
-    kinds = schema.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds
-    if kinds and not any(_is(value, k) for k in kinds):
-        fail(f"must be of type {' or '.join(kinds)}, got {value!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        fail(f"must be one of {', '.join(str(e) if e != '' else repr(e) for e in schema['enum'])}, got {value!r}")
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        _check_range(schema, value, fail)
-    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
-        fail(f"must match {schema['pattern']}, got {value!r}")
-    if isinstance(value, (list, tuple)):
-        _check_items(schema, value, path, where, fail)
-    if isinstance(value, dict):
-        _check_object(schema, value, path, where, fail)
+    """Check ``value`` against ``schema``: the first problem (jsonschema's most relevant error) is
+    one :class:`InputError` line naming the setting by its dotted ``path``."""
+    errors = list(_validator(schema_path())(schema).iter_errors(value))
+    if errors:
+        raise InputError(_line(max(errors, key=relevance), path), file=where)
 
 
-def _check_alternatives(schema: dict, value, path: str, where, fail) -> None:
-    """``anyOf`` (one alternative at least) and ``oneOf`` (exactly one)."""
-    for word, ok in (("anyOf", lambda n: n >= 1), ("oneOf", lambda n: n == 1)):
-        if word not in schema:
-            continue
-        problems = []
-        for alternative in schema[word]:
-            try:
-                check(alternative, value, path, where)
-            except InputError as err:
-                problems.append(err.problem.removeprefix(f"setting {path} "))
-        if not ok(len(schema[word]) - len(problems)):
-            fail(" or ".join(problems) if problems else f"matches more than one of {schema[word]}")
+_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+_PROBLEMS = {  # keyword -> what is wrong, from the keyword's value and the value checked
+    "type": lambda kinds, v: f"must be of type {' or '.join([kinds] if isinstance(kinds, str) else kinds)}, "
+                             f"got {v!r}",
+    "enum": lambda allowed, v: f"must be one of {', '.join(repr(e) if e == '' else str(e) for e in allowed)}, "
+                               f"got {v!r}",
+    "pattern": lambda pattern, v: f"must match {pattern}, got {v!r}",
+    "minItems": lambda n, v: f"needs at least {n} values, got {list(v)}",
+    "maxItems": lambda n, v: f"takes at most {n} values, got {list(v)}",
+    "uniqueItems": lambda _, v: f"must not repeat a value, got {list(v)}",
+    "required": lambda keys, v: f"needs the key {next(k for k in keys if k not in v)}",
+    "oneOf": lambda alternatives, _: f"matches more than one of {alternatives}",
+    **{word: lambda bound, v, sign=sign: f"must be {sign} {bound}, got {v}" for word, sign in _BOUNDS.items()},
+}
 
 
-def _check_range(schema: dict, value, fail) -> None:
-    for bound, ok, word in (("minimum", operator.ge, ">="), ("maximum", operator.le, "<="),
-                            ("exclusiveMinimum", operator.gt, ">"), ("exclusiveMaximum", operator.lt, "<")):
-        if bound in schema and not ok(value, schema[bound]):
-            fail(f"must be {word} {schema[bound]}, got {value}")
-
-
-def _check_items(schema: dict, value, path: str, where, fail) -> None:
-    if len(value) < schema.get("minItems", 0):
-        fail(f"needs at least {schema['minItems']} values, got {list(value)}")
-    if len(value) > schema.get("maxItems", len(value)):
-        fail(f"takes at most {schema['maxItems']} values, got {list(value)}")
-    if schema.get("uniqueItems") and len(set(map(repr, value))) < len(value):
-        fail(f"must not repeat a value, got {list(value)}")
-    for i, item in enumerate(value):
-        if "items" in schema:
-            check(schema["items"], item, f"{path}[{i}]", where)
-
-
-def _check_object(schema: dict, value: dict, path: str, where, fail) -> None:
-    props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
-    for key in schema.get("required", ()):
-        if key not in value:
-            fail(f"needs the key {key}")
-    for key, item in value.items():
-        if key in props:
-            check(props[key], item, f"{path}.{key}", where)
-        elif extra is False:
-            raise InputError(f"unknown setting {path}.{key} ({path} takes {', '.join(props)})", file=where)
-        elif isinstance(extra, dict):
-            check(extra, item, f"{path}.{key}", where)
+def _line(error, path: str) -> str:
+    """One line for a jsonschema error: ``setting <dotted path> <problem>``."""
+    dotted = path + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        extra = next(k for k in error.instance if k not in known)
+        return f"unknown setting {dotted}.{extra} ({dotted} takes {', '.join(known)})"
+    if error.context:  # anyOf / oneOf: what each alternative found wrong
+        by_alternative = {}
+        for sub in error.context:
+            by_alternative.setdefault(sub.relative_schema_path[0], []).append(sub)
+        problem = " or ".join(_line(max(subs, key=relevance), path).removeprefix(f"setting {dotted} ")
+                              for subs in by_alternative.values())
+    elif error.validator in _PROBLEMS:
+        problem = _PROBLEMS[error.validator](error.validator_value, error.instance)
+    else:
+        problem = " ".join(error.message.split())
+    return f"setting {dotted} {problem}"
 
 
 def packaged_encoder_weights() -> str:

@@ -258,3 +258,36 @@ def test_the_settings_helper_merges_and_checks_from_the_schema():
     with pytest.raises(InputError, match=r"^\[file run\.json\] "):
         defaults.settings("train", {"lr": 0}, where="run.json")
     assert defaults.settings("encoder", {"mpp": 0.5, "kwargs": {"any": 1}})["kwargs"] == {"any": 1}
+
+
+def test_errors_inside_nested_objects_and_alternatives_are_one_line_naming_the_dotted_path():
+    """jsonschema's errors under an object in an object, an ``additionalProperties`` schema, an
+    ``anyOf`` (encoder.batch_size) or a ``oneOf`` (each view: fov_um or fov_px) are one line
+    naming the setting by its dotted path and what each alternative found wrong."""
+    from m2ost.errors import InputError
+
+    refused = [("splits", {"explicit": {"s1": {"train": ["a"]}}}, r"setting splits\.explicit\.s1 needs the key test$"),
+               ("splits", {"explicit": {"s1": {"train": [], "test": ["b"]}}},
+                r"setting splits\.explicit\.s1\.train needs at least 1 values, got \[\]$"),
+               ("splits", {"explicit": {"s1": {"train": ["a"], "test": ["b"], "val": 1}}},
+                r"unknown setting splits\.explicit\.s1\.val \(splits\.explicit\.s1 takes train, test\)$"),
+               ("train", {"augment": {"flip": 1}}, r"setting train\.augment\.flip must be of type boolean, got 1$"),
+               ("encoder", {"batch_size": -1},
+                r"setting encoder\.batch_size must be >= 0, got -1 or must be of type string, got -1$"),
+               ("encoder", {"batch_size": "big"},
+                r"setting encoder\.batch_size must be of type integer, got 'big' or must be one of auto, got 'big'$")]
+    for section, given, message in refused:
+        with pytest.raises(InputError, match=r"^\[file run\.json\] " + message) as err:
+            defaults.settings(section, given, where="run.json")
+        assert "\n" not in str(err.value)
+    views = defaults.section_schema("views")
+    for given, message in [([{"fov_um": 112, "size_px": 224}, {"size_px": 224}],
+                            r"^setting views\[1\] needs the key fov_um or needs the key fov_px$"),
+                           ([{"fov_um": 112, "fov_px": 400, "size_px": 224}],
+                            r"^setting views\[0\] matches more than one of "),
+                           ([{"fov_um": 112, "size_px": 4}], r"^setting views\[0\]\.size_px must be >= 8, got 4$")]:
+        with pytest.raises(InputError, match=message):
+            defaults.check(views, given, "views")
+    defaults.check(views, defaults.section("views"), "views")  # the defaults pass
+    assert defaults.settings("train", {"seed": np.int64(3)})["seed"] == 3  # numpy integers are integers
+    assert defaults.settings("encoder", {"mean": (0.5, 0.5, 0.5)})["mean"] == (0.5, 0.5, 0.5)  # tuples are arrays
