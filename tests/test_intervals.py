@@ -146,6 +146,25 @@ def test_a_model_without_calibration_still_predicts(ridge_model, tmp_path, caplo
     assert "lower" not in pred.layers
 
 
+@needs_her2st
+def test_a_model_from_before_the_depths_gives_its_intervals_at_the_training_depth(her2st_pair, tmp_path):
+    """A 0.2.0 model.pt (intervals format 1: no validation spots, no seed) still evaluates; its
+    intervals at the measured depth are those at the training depth."""
+    data = her2st_pair
+    fit_model("ridge", {"C3": data["bundles"]["C3"]}, {"C3": data["expressions"]["C3"]}, data["genes_file"],
+              ["C3"], None, tiny_train_cfg(val_fraction=0.4), tmp_path / "model")
+    payload = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    assert payload["intervals"]["spots"]["depth"].shape == payload["intervals"]["spots"]["group"].shape
+    for key in ("spots", "seed"):
+        del payload["intervals"][key]
+    payload["intervals"]["format"] = 1
+    torch.save(payload, tmp_path / "old.pt")
+    result = evaluate(tmp_path / "old.pt", data["bundles"], data["expressions"], ["B4"], tmp_path / "ev",
+                      device="cpu", figures=False)
+    by = result["intervals"]["by_calibration"]
+    assert by["sections/measured"] == by["sections/training"] and 0 < by["sections/measured"]["interval_coverage"] < 1
+
+
 @pytest.fixture(scope="module")
 def her2st_pair(tmp_path_factory):
     """Real C3 (training), C4 and B4 (held out; B4 sequenced about 14 times less deeply) spots:
