@@ -22,10 +22,10 @@ gene with more sampling noise (more zeros, coarser values), which the H&E cannot
 validation spots' library sizes are known (``depth``, with the expression's ``target_sum``),
 their predictions and measured values are stored too (``spots``), and the interval of a spot
 whose own library size is known (``intervals.depth: measured``, at evaluation) comes from the
-whole calibration above, head and scores, redone on the validation spots' counts binomially
-thinned to that depth (:func:`thinned_truth`, :func:`at_depth`): what those spots would have
-measured at the spot's depth. Depths go in steps of a quarter octave, rounded down; spots at
-least as deep as every validation spot keep the plain calibration.
+whole calibration above, head and scores, redone on the validation spots at least as deep, their
+counts binomially thinned to that depth (:func:`thinned_truth`, :func:`at_depth`): what those
+spots would have measured at the spot's depth. Depths go in steps of a quarter octave; a depth
+above most validation spots is calibrated on the deepest quarter of them.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ CALIBRATIONS = ("spots", "sections")
 # measured: thin the calibration to each spot's own library size where known; training: never.
 DEPTHS = ("measured", "training")
 DEPTH_STEP = 0.25  # octaves between the depths the calibration is thinned to
+DEEPEST = 0.25  # a depth's calibration keeps at least this share of the validation spots, the deepest
 LEVEL_STEP = 0.0025
 # What an evaluation reports of the intervals on held-out spots (interval_scores).
 INTERVAL_METRICS = ("interval_coverage", "interval_coverage_gene_p10", "interval_width")
@@ -168,26 +169,30 @@ def thinned_truth(spots: dict, depth: float, rng: np.random.Generator) -> np.nda
 
 
 def at_depth(state: dict, depth_bin: int) -> dict:
-    """The calibration refitted, head and scores, on the validation spots thinned to the depth of
-    ``depth_bin`` (:func:`depth_bins`); the state itself where no validation spot is deeper.
-    Kept in ``state["_cache"]`` for the state's later calls (an evaluation asks for the same
-    depths for every calibration and held-out sample)."""
+    """The calibration redone, head and scores, for measurements at the depth of ``depth_bin``
+    (:func:`depth_bins`): on the validation spots at least that deep (at least the deepest
+    quarter of them), their counts thinned to it. Kept in ``state["_cache"]`` for the state's
+    later calls (an evaluation asks for the same depths for every calibration and sample)."""
     spots = state.get("spots")
-    depth = 2.0 ** (depth_bin * DEPTH_STEP)
-    if spots is None or depth >= np.max(spots["depth"]):
+    if spots is None:
         return state
     cache = state.setdefault("_cache", {})
     if depth_bin not in cache:
+        depth = 2.0 ** (depth_bin * DEPTH_STEP)
+        lib = np.asarray(spots["depth"], np.float64)
+        keep = lib >= min(depth, np.quantile(lib, 1.0 - DEEPEST))
+        deep = {k: (np.asarray(v)[keep] if k != "target_sum" else v) for k, v in spots.items()}
         rng = np.random.default_rng([int(state["seed"]), int(depth_bin)])
-        truth = thinned_truth(spots, depth, rng)
-        cache[depth_bin] = _calibrate(np.asarray(spots["pred"], np.float64), truth, np.asarray(spots["group"]),
-                                      int(state["seed"]), cache)
+        truth = thinned_truth(deep, depth, rng)
+        designs = cache.setdefault("designs", {})  # the kept spots are the deepest n: n names them
+        cache[depth_bin] = _calibrate(np.asarray(deep["pred"], np.float64), truth, np.asarray(deep["group"]),
+                                      int(state["seed"]), designs.setdefault(int(keep.sum()), {}))
     return cache[depth_bin]
 
 
 def depth_bins(depth: np.ndarray) -> np.ndarray:
-    """Each spot's depth bin: the grid depth 2 ** (bin * DEPTH_STEP) at or just below it."""
-    return np.floor(np.log2(np.maximum(np.asarray(depth, np.float64), 1.0)) / DEPTH_STEP).astype(np.int64)
+    """Each spot's depth bin: the grid depth 2 ** (bin * DEPTH_STEP) nearest to it."""
+    return np.rint(np.log2(np.maximum(np.asarray(depth, np.float64), 1.0)) / DEPTH_STEP).astype(np.int64)
 
 
 def _kth(ordered: np.ndarray, level: float) -> np.ndarray:
