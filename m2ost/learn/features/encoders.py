@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
 from m2ost import defaults
@@ -334,6 +333,8 @@ class Encoder:
 def create_backbone(settings: Mapping, load_weights: bool = True) -> tuple[torch.nn.Module, Path | None]:
     """The timm network of checked encoder ``settings`` and the weights file it was loaded from
     (``load_weights=False``: as initialised, for a model whose stored weights replace them)."""
+    import timm  # here, not at the top: 2 s of imports (torchvision) that only an encoder needs
+
     preset = settings.get("preset") or ""
     try:
         model = timm.create_model(settings["name"], pretrained=False, num_classes=0,
