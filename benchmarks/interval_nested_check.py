@@ -49,6 +49,9 @@ def paths(results: Path, samples, encoder: str) -> tuple[dict, dict, dict]:
 
 
 def fit(kind: str, files: tuple, genes: str, train: list[str], out: Path) -> Path:
+    """``out/model.pt`` of ``kind`` fitted on ``train`` (kept from an earlier run into ``out``)."""
+    if (out / "model.pt").exists():
+        return out / "model.pt"
     bundles, expressions, embeddings = files
     if kind in FEATURE_KINDS:
         fit_feature_model(kind, bundles, expressions, embeddings, genes, train, {"train": {}}, out)
@@ -75,7 +78,8 @@ def main(argv=None) -> None:
     parser.add_argument("--genes", required=True, help="the split's gene panel (results/genes/{split}.txt)")
     parser.add_argument("--train", nargs="+", required=True, help="the split's training sections")
     parser.add_argument("--kind", default="encoder_ridge", help="a cheap model kind (probes, ridge, mean)")
-    parser.add_argument("--out", type=Path, default=None, help="where the refitted models go (a temporary folder)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the refitted models go (a temporary folder); models found there are reused")
     workflow = defaults.section("intervals")
     parser.add_argument("--level", type=float, default=workflow["level"])
     parser.add_argument("--calibration", default=workflow["calibration"])
