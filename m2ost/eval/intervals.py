@@ -224,13 +224,14 @@ def section_quantile_level(scores: np.ndarray, groups: np.ndarray, level: float)
     return 1.0
 
 
-def check_interval_settings(level: float, calibration: str, depth_mode: str = "training") -> None:
-    """One line naming the setting for a bad ``intervals.level``, ``.calibration`` or ``.depth``."""
+def check_interval_settings(level: float, calibration: str, depth_mode: str | None = None) -> None:
+    """One line naming the setting for a bad ``intervals.level``, ``.calibration`` or (when
+    given) ``.depth``."""
     if not 0.0 < level < 1.0:
         raise InputError(f"intervals.level must be in (0, 1), got {level}")
     if calibration not in CALIBRATIONS:
         raise InputError(f"intervals.calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-    if depth_mode not in DEPTHS:
+    if depth_mode is not None and depth_mode not in DEPTHS:
         raise InputError(f"intervals.depth must be one of {', '.join(DEPTHS)}, got {depth_mode!r}")
 
 

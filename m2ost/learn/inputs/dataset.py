@@ -227,7 +227,8 @@ def _drop_padded(data: SampleData, views) -> SampleData:
     return data.subset(np.flatnonzero(keep))
 
 
-def _read_targets(expression, genes, barcodes, sample) -> tuple[np.ndarray, np.ndarray]:
+def _read_targets(expression, genes, barcodes, sample) -> tuple:
+    """(bundle rows, targets, library sizes, target sum) of the spots with expression."""
     adata = read_expression(expression, sample)
     rows = np.asarray(adata.obs["bundle_row"], dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= len(barcodes)):
